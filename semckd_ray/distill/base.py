@@ -65,6 +65,9 @@ class DistillMethod(nn.Module):
     requires_fixed_batch: ClassVar[bool] = False
     # True when forward needs the dataset indices of the batch (CRD).
     needs_index: ClassVar[bool] = False
+    # True when the method keeps its buffers consistent across DDP ranks itself (CRD's memory bank
+    # gathers from every rank); the trainer then turns off DDP's broadcast of rank 0's buffers.
+    syncs_own_buffers: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:

@@ -1,0 +1,306 @@
+"""The experiment configuration: one YAML file, validated at load time.
+
+A file in ``tune_configs/`` holds a training config (the sections below) and, optionally, a
+``search`` section that ``semckd_ray.tune`` reads. Every mistake is reported as a ``UserError``
+naming the dotted key and what is allowed, before any cluster resource is taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semckd_ray.errors import UserError
+
+# Students the official code trains with lr 0.01 instead of 0.05 (SPEC section 7).
+SMALL_LR_MODELS = frozenset({"MobileNetV2", "ShuffleV1", "ShuffleV2"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["cifar100", "cifar10", "digits"] = "cifar100"
+    root: str = "data"  # resolved to an absolute path at load time: workers run elsewhere
+    download: bool = False
+    val_size: int | None = Field(default=None, ge=0)  # None: the dataset's default (CIFAR 5000)
+    eval_batch_size: int = Field(default=256, ge=1)
+
+
+class TeacherConfig(_Section):
+    model: str
+    # A local checkpoint path (official, RepDistiller or ours), ``runs:/<run_id>`` of a teacher
+    # trained by this project, or ``models:/<registered name>/<version or alias>``.
+    checkpoint: str | None = None
+    # Or: the experiment file that trains this teacher (path relative to this file). Its finished
+    # MLflow run is reused when one exists for the same config; otherwise it is trained first.
+    train: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        return _check_model_name(name)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.checkpoint is None) == (self.train is None):
+            raise ValueError("give exactly one of 'checkpoint' (a file, runs:/..., models:/...) "
+                             "and 'train' (the teacher's experiment file)")
+        return self
+
+
+class StudentConfig(_Section):
+    model: str
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        return _check_model_name(name)
+
+
+class MethodConfig(_Section):
+    name: str = "semckd"
+    beta: float | None = Field(default=None, ge=0)  # None: the method's official weight
+    gamma: float = Field(default=1.0, ge=0)  # cross-entropy weight
+    alpha: float = Field(default=1.0, ge=0)  # KD weight (CE and KD are 1 for every method)
+    kd_temperature: float = Field(default=4.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_method(self) -> MethodConfig:
+        from semckd_ray.distill import make_options
+
+        make_options(self.name, self.options)  # raises UserError naming the allowed values
+        return self
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(default=240, ge=1)
+    batch_size: int = Field(default=64, ge=2)  # per worker; SemCKD's MLPs are built for it
+    lr: float | None = Field(default=None, gt=0)  # None: 0.05, or 0.01 for MobileNetV2/ShuffleNets
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    lr_decay_epochs: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    lr_decay_rate: float = Field(default=0.1, gt=0, le=1)
+
+    @field_validator("lr_decay_epochs")
+    @classmethod
+    def _sorted_positive(cls, epochs: list[int]) -> list[int]:
+        if any(e < 1 for e in epochs) or epochs != sorted(epochs):
+            raise ValueError("must be increasing epoch numbers >= 1")
+        return epochs
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    # bfloat16 autocast and channels_last: None means on for GPU, off for CPU.
+    bf16: bool | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    max_failures: int = Field(default=3, ge=-1)  # worker failures a run recovers from
+
+    def amp_enabled(self) -> bool:
+        return self.use_gpu if self.bf16 is None else self.bf16
+
+    def channels_last_enabled(self) -> bool:
+        return self.use_gpu if self.channels_last is None else self.channels_last
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(default=10, ge=1)  # epochs between checkpoints; the last epoch always saves
+    keep: int = Field(default=2, ge=1)  # checkpoints Ray keeps on storage
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "semckd"
+    run_name: str | None = None
+    register_model: str | None = None  # register the final model under this name
+    # Where Ray keeps checkpoints and results. Must be shared storage (NFS path, s3://) on a
+    # multi-node cluster; None: <cwd>/ray_results.
+    storage_path: str | None = None
+
+
+class TrainConfig(_Section):
+    name: str = "semckd"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig | None = None
+    student: StudentConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _teacher_matches_method(self) -> TrainConfig:
+        from semckd_ray.distill import get_method_class
+
+        uses_teacher = get_method_class(self.method.name).uses_teacher
+        if uses_teacher and self.teacher is None:
+            raise ValueError(
+                f"method {self.method.name!r} distils from a teacher: add a 'teacher' section "
+                "with 'model' and 'checkpoint'"
+            )
+        if not uses_teacher and self.teacher is not None:
+            raise ValueError(
+                f"method {self.method.name!r} trains without a teacher: remove the 'teacher' section"
+            )
+        return self
+
+    def base_lr(self) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return 0.01 if self.student.model in SMALL_LR_MODELS else 0.05
+
+    def beta(self) -> float:
+        from semckd_ray.distill import get_method_class
+
+        if self.method.beta is not None:
+            return self.method.beta
+        return get_method_class(self.method.name).default_beta
+
+
+def _check_model_name(name: str) -> str:
+    from semckd_ray.models import list_models
+
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set takes dotted.key=value, got {item!r}")
+        set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return raw
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def parse_train_config(raw: dict[str, Any], *, config_dir: str | os.PathLike | None = None) -> TrainConfig:
+    """Validate a training config dict (the ``search`` section, if any, is ignored here)."""
+    raw = {k: v for k, v in raw.items() if k != "search"}
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+    return resolve_paths(cfg, Path(config_dir) if config_dir else Path.cwd())
+
+
+def load_train_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return parse_train_config(raw, config_dir=Path(path).resolve().parent)
+
+
+def resolve_paths(cfg: TrainConfig, config_dir: Path) -> TrainConfig:
+    """Make every local path absolute: Ray workers run in another working directory.
+
+    Data and checkpoint paths are relative to the working directory (where the user runs the
+    command); a teacher's experiment file is relative to the file that names it.
+    """
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.root = str(Path(cfg.data.root).resolve())
+    if cfg.teacher is not None and cfg.teacher.checkpoint and not _is_uri(cfg.teacher.checkpoint):
+        cfg.teacher.checkpoint = str(Path(cfg.teacher.checkpoint).resolve())
+    if cfg.teacher is not None and cfg.teacher.train:
+        cfg.teacher.train = str((config_dir / cfg.teacher.train).resolve())
+    # tracking.storage_path stays as written: whether it is relative matters on a multi-node
+    # cluster (semckd_ray.trainer.storage_path).
+    return cfg
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value or value.startswith(("runs:/", "models:/"))
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + _allowed_keys_hint(err["loc"])
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ""
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = [a for a in candidates if issubclass(a, BaseModel)]
+        if not nested:
+            return ""
+        model = nested[0]
+    return "; allowed keys: " + ", ".join(model.model_fields)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: how configs are logged as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,139 @@
+"""Where a teacher's weights come from: a local file, a run of this project, or a registered model.
+
+``teacher.checkpoint`` takes
+- a path to a checkpoint in the official/RepDistiller format (``{"model": state_dict}``) or ours;
+- ``runs:/<run_id>`` (the best checkpoint of a teacher trained here) or ``runs:/<run_id>/<artifact>``;
+- ``models:/<registered name>/<version>`` or ``models:/<name>@<alias>``.
+Checkpoints logged by this project carry their sha256 as a run tag, checked on download.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from semckd_ray.config import TeacherConfig, TrainConfig
+from semckd_ray.errors import UserError
+from semckd_ray.models import create_model, load_checkpoint
+
+
+def resolve_teacher_file(checkpoint: str, tracking_uri: str | None) -> str:
+    """A local file holding the teacher's weights (downloaded from MLflow when needed)."""
+    if checkpoint.startswith("models:/"):
+        run_id, artifact = _registered_model_source(checkpoint, tracking_uri)
+    elif checkpoint.startswith("runs:/"):
+        run_id, _, artifact = checkpoint[len("runs:/"):].partition("/")
+    else:
+        return checkpoint
+    return _download_run_checkpoint(run_id, artifact or None, tracking_uri, checkpoint)
+
+
+def load_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device,
+                 tracking_uri: str | None = None) -> nn.Module:
+    model = create_model(cfg.model, num_classes=num_classes)
+    load_checkpoint(model, resolve_teacher_file(cfg.checkpoint, tracking_uri))
+    return model.to(device)
+
+
+def _registered_model_source(uri: str, tracking_uri: str | None) -> tuple[str, str | None]:
+    from semckd_ray.tracking import client
+
+    spec = uri[len("models:/"):]
+    mlflow_client = client(tracking_uri)
+    try:
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            version = mlflow_client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = spec.partition("/")
+            if not number:
+                versions = mlflow_client.search_model_versions(f"name='{name}'")
+                if not versions:
+                    raise UserError(f"registered model {name!r} has no versions")
+                version = max(versions, key=lambda v: int(v.version))
+            else:
+                version = mlflow_client.get_model_version(name, number)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"teacher.checkpoint {uri!r}: cannot read the registered model ({exc})") from None
+    source = version.source or ""
+    artifact = None
+    if source.startswith("runs:/"):
+        artifact = source[len("runs:/"):].partition("/")[2] or None
+        if artifact == "checkpoints":
+            artifact = None  # the folder this project registers: take its best checkpoint
+    return version.run_id, artifact
+
+
+def _download_run_checkpoint(run_id: str, artifact: str | None, tracking_uri: str | None, uri: str) -> str:
+    import mlflow.artifacts
+
+    from semckd_ray.tracking import client, sha256_file
+
+    mlflow_client = client(tracking_uri)
+    try:
+        run = mlflow_client.get_run(run_id)
+    except Exception as exc:
+        raise UserError(f"teacher.checkpoint {uri!r}: no such MLflow run ({exc})") from None
+    tags = run.data.tags
+    expected_sha = None
+    if artifact is None:
+        artifact = tags.get("checkpoint.best.path")
+        expected_sha = tags.get("checkpoint.best.sha256")
+        if artifact is None:
+            raise UserError(
+                f"teacher.checkpoint {uri!r}: run {run_id} has no best checkpoint (tag "
+                "'checkpoint.best.path'); did it finish? Name an artifact: runs:/<run_id>/<path>"
+            )
+    else:
+        for kind in ("best", "last"):
+            if tags.get(f"checkpoint.{kind}.path") == artifact:
+                expected_sha = tags.get(f"checkpoint.{kind}.sha256")
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, tracking_uri=tracking_uri
+        )
+    except Exception as exc:
+        raise UserError(f"teacher.checkpoint {uri!r}: cannot download {artifact!r} ({exc})") from None
+    if expected_sha is not None and sha256_file(local) != expected_sha:
+        raise UserError(
+            f"teacher.checkpoint {uri!r}: the downloaded {artifact!r} does not match the sha256 "
+            f"logged with it ({expected_sha}); the artifact store holds a different file"
+        )
+    return local
+
+
+def ensure_teacher(cfg: TrainConfig) -> TrainConfig:
+    """Fill ``teacher.checkpoint`` from ``teacher.train``: reuse a finished run of that config, or train it.
+
+    The teacher's run is found by the digest of its resolved config, so a changed teacher file
+    trains a new teacher and an unchanged one is trained once per tracking store.
+    """
+    if cfg.teacher is None or cfg.teacher.checkpoint:
+        return cfg
+    from semckd_ray.config import load_train_config
+    from semckd_ray.trainer import config_digest, find_finished_run, train
+
+    teacher_cfg = load_train_config(cfg.teacher.train)
+    if teacher_cfg.student.model != cfg.teacher.model:
+        raise UserError(
+            f"teacher.train {cfg.teacher.train!r} trains {teacher_cfg.student.model!r}, "
+            f"but teacher.model is {cfg.teacher.model!r}"
+        )
+    if teacher_cfg.data.dataset != cfg.data.dataset:
+        raise UserError(
+            f"teacher.train {cfg.teacher.train!r} trains on {teacher_cfg.data.dataset!r}, "
+            f"but this experiment uses data.dataset={cfg.data.dataset!r}"
+        )
+    teacher_cfg.tracking.uri = cfg.tracking.uri
+    run_id = find_finished_run(teacher_cfg, config_digest(teacher_cfg))
+    if run_id is None:
+        print(f"[semckd-ray] training the teacher {cfg.teacher.model} first ({cfg.teacher.train})", flush=True)
+        run_id = train(teacher_cfg).run_id
+    else:
+        print(f"[semckd-ray] reusing teacher run {run_id} ({cfg.teacher.train})", flush=True)
+    cfg = cfg.model_copy(deep=True)
+    cfg.teacher.checkpoint = f"runs:/{run_id}"
+    cfg.teacher.train = None
+    return cfg

@@ -1,0 +1,423 @@
+"""The per-worker training loop: plain PyTorch, with Ray and MLflow only at the edges.
+
+``run_worker`` is what every Ray Train worker runs, and it runs the same in-process at world size 1
+(tests, profiling): ``ray.train`` is touched only through a ``Reporter``. Every epoch reports each
+loss term, train and validation top-1/top-5, the learning rate, epoch seconds and images/s; a
+checkpoint every ``checkpoint.every`` epochs and at the end holds everything needed to resume
+bit-exactly on CPU (model, method modules, optimizer, epoch, RNG states, best-so-far).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from semckd_ray.config import TrainConfig
+from semckd_ray.data import eval_loader, load_dataset, train_loader
+from semckd_ray.distill import DistillContext, Distiller, create_method, get_method_class
+from semckd_ray.errors import UserError
+from semckd_ray.models import create_model
+from semckd_ray.teacher import load_teacher
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+CHECKPOINT_FORMAT = "semckd-ray/1"
+
+
+class Reporter(Protocol):
+    """The edge between the loop and whoever runs it (Ray Train, or a test)."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+
+    def latest_checkpoint(self) -> str | None: ...
+
+
+class LocalReporter:
+    """Keeps reported metrics in memory and checkpoints in a folder: world size 1 without Ray."""
+
+    def __init__(self, checkpoint_root: str | os.PathLike, resume: bool = True):
+        self.root = Path(checkpoint_root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.metrics: list[dict[str, float]] = []
+        self._resume = resume
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        self.metrics.append(dict(metrics))
+        if checkpoint_dir is not None:
+            target = self.root / f"epoch_{int(metrics['epoch']):05d}"
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+
+    def latest_checkpoint(self) -> str | None:
+        if not self._resume:
+            return None
+        found = sorted(self.root.glob("epoch_*"))
+        return str(found[-1]) if found else None
+
+
+@dataclass
+class WorkerEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def detect(cls, use_gpu: bool) -> WorkerEnv:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if use_gpu:
+            if not torch.cuda.is_available():
+                raise UserError("scaling.use_gpu is true but this worker sees no CUDA device")
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        return cls(rank=rank, world_size=world, device=device)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Step schedule of the official code: x rate once per milestone passed (epochs are 1-based)."""
+    passed = sum(epoch > m for m in cfg.optim.lr_decay_epochs)
+    return cfg.base_lr() * cfg.optim.lr_decay_rate**passed
+
+
+def accuracy_counts(logits: Tensor, target: Tensor, topk=(1, 5)) -> list[int]:
+    k_max = min(max(topk), logits.shape[1])
+    pred = logits.topk(k_max, dim=1).indices
+    hits = pred.eq(target[:, None])
+    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in topk]
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, env: WorkerEnv, amp: bool) -> dict[str, float]:
+    """Top-1/top-5 (%) and CE over the whole split, summed across workers."""
+    model.eval()
+    correct1 = correct5 = loss_sum = 0.0
+    seen = 0
+    for x, y, _ in loader:
+        with _autocast(env.device, amp):
+            logits, _ = model(x)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        c1, c5 = accuracy_counts(logits, y)
+        correct1 += c1
+        correct5 += c5
+        seen += y.numel()
+    correct1, correct5, loss_sum, seen = _all_reduce_sum([correct1, correct5, loss_sum, seen], env.device)
+    if seen == 0:
+        return {}
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen}
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def feature_shapes(model: nn.Module, device: torch.device) -> tuple[tuple[int, ...], ...]:
+    """Per-sample shapes of every feature, from a probe batch in eval mode (as the official code)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        _, feats = model(torch.randn(2, 3, 32, 32, device=device))
+    model.train(was_training)
+    return tuple(tuple(f.shape[1:]) for f in feats)
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores besides the weights."""
+
+    epoch: int = 0  # last finished epoch
+    best_val_top1: float = -math.inf
+    best_epoch: int = 0
+    test_top1_at_best: float = math.nan
+    test_top5_at_best: float = math.nan
+
+
+def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | None = None,
+               tracking_uri: str | None = None) -> dict[str, float]:
+    """Train one student (or a teacher, with method ``vanilla``) and return the final metrics."""
+    cfg = TrainConfig.model_validate(train_config)
+    env = WorkerEnv.detect(cfg.scaling.use_gpu)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    amp = cfg.scaling.amp_enabled()
+    channels_last = cfg.scaling.channels_last_enabled()
+    method_cls = get_method_class(cfg.method.name)
+
+    # ---- data: each worker reads its own shard
+    splits = load_dataset(
+        cfg.data.dataset, cfg.data.root, download=cfg.data.download and env.rank == 0,
+        val_size=cfg.data.val_size, seed=cfg.seed,
+    )
+    placement = dict(device=env.device, channels_last=channels_last,
+                     keep_on_device=env.device.type == "cuda", pin_memory=env.device.type == "cuda")
+    shard = dict(rank=env.rank, world_size=env.world_size)
+    train_batches = train_loader(splits, cfg.optim.batch_size, seed=cfg.seed,
+                                 drop_last=method_cls.requires_fixed_batch, **shard, **placement)
+    if len(train_batches) == 0:
+        raise UserError(
+            f"the training split's shard ({len(splits.train.labels)} images over {env.world_size} "
+            f"worker(s)) is smaller than one batch of optim.batch_size={cfg.optim.batch_size}"
+        )
+    val_batches = eval_loader(splits, "val", cfg.data.eval_batch_size, **shard, **placement)
+    test_batches = eval_loader(splits, "test", cfg.data.eval_batch_size, **shard, **placement)
+
+    # ---- models: same seed on every rank, so every rank starts from the same weights
+    torch.manual_seed(cfg.seed)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    student = create_model(cfg.student.model, num_classes=splits.num_classes).to(env.device, memory_format=memory_format)
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = load_teacher(cfg.teacher, splits.num_classes, env.device, cfg.tracking.uri)
+        teacher = teacher.to(memory_format=memory_format).eval().requires_grad_(False)
+    ctx = DistillContext(
+        student_shapes=feature_shapes(student, env.device),
+        teacher_shapes=feature_shapes(teacher, env.device) if teacher is not None else (),
+        batch_size=cfg.optim.batch_size,
+        num_classes=splits.num_classes,
+        num_train=len(splits.train.labels),
+        train_labels=splits.train.labels,
+    )
+    method = create_method(cfg.method.name, ctx, cfg.method.options).to(env.device, memory_format=memory_format)
+    distiller = Distiller(student, method, gamma=cfg.method.gamma, alpha=cfg.method.alpha,
+                          beta=cfg.beta(), kd_temperature=cfg.method.kd_temperature)
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=cfg.base_lr(), momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+
+    state = TrainingState()
+    best_weights: dict[str, Any] | None = None
+    resume_dir = reporter.latest_checkpoint()
+    if resume_dir is not None:
+        state, best_weights = _restore(Path(resume_dir), distiller, optimizer, env)
+        if env.rank == 0:
+            print(f"[semckd-ray] resuming after epoch {state.epoch} from {resume_dir}", flush=True)
+
+    model = distiller
+    if env.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            distiller,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=not method_cls.syncs_own_buffers,
+        )
+    if cfg.scaling.compile:
+        model = torch.compile(model)
+
+    tracker = _Tracker(tracking_uri, run_id) if env.rank == 0 and run_id else None
+    final: dict[str, float] = {}
+    for epoch in range(state.epoch + 1, cfg.optim.epochs + 1):
+        lr = lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_batches.set_epoch(epoch)
+        started = time.perf_counter()
+        train_metrics = _train_epoch(model, teacher, train_batches, optimizer, env, amp, method_cls.needs_index)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        seconds = time.perf_counter() - started
+
+        val = evaluate(student, val_batches, env, amp)
+        improved = bool(val) and val["top1"] > state.best_val_top1
+        last = epoch == cfg.optim.epochs
+        if improved:
+            state.best_val_top1, state.best_epoch = val["top1"], epoch
+            test = evaluate(student, test_batches, env, amp)
+            state.test_top1_at_best, state.test_top5_at_best = test["top1"], test["top5"]
+            best_weights = _weights(distiller, epoch)
+        metrics = {
+            "epoch": epoch,
+            "lr": lr,
+            "epoch_seconds": seconds,
+            "images_per_s": train_metrics.pop("images") / seconds,
+            **{f"train_{k}": v for k, v in train_metrics.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+            "best_val_top1": state.best_val_top1 if val else math.nan,
+        }
+        if last:
+            test_last = evaluate(student, test_batches, env, amp)
+            if not val:  # no validation split: the last epoch is the selected one
+                state.best_epoch = epoch
+                state.test_top1_at_best, state.test_top5_at_best = test_last["top1"], test_last["top5"]
+                best_weights = _weights(distiller, epoch)
+            metrics.update(
+                test_top1_last=test_last["top1"], test_top5_last=test_last["top5"],
+                test_top1_at_best_val=state.test_top1_at_best, test_top5_at_best_val=state.test_top5_at_best,
+                best_epoch=state.best_epoch,
+            )
+        if not math.isfinite(metrics["train_total"]):
+            raise FloatingPointError(
+                f"the training loss became {metrics['train_total']} in epoch {epoch}; "
+                "lower optim.lr or method.beta"
+            )
+        state.epoch = epoch
+        save = last or epoch % cfg.checkpoint.every == 0
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint_dir = None
+            if save and env.rank == 0:
+                _save(Path(tmp), cfg, distiller, optimizer, state, best_weights, env)
+                checkpoint_dir = tmp
+            if tracker is not None:
+                tracker.epoch(metrics, epoch)
+                if last:
+                    tracker.final(cfg, distiller, best_weights)
+            reporter.report(metrics, checkpoint_dir)
+        if env.rank == 0:
+            _print_progress(cfg, metrics, epoch, seconds)
+        final = metrics
+    if tracker is not None:
+        tracker.close()
+    return final
+
+
+def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, needs_index: bool) -> dict[str, float]:
+    model.train()
+    sums: dict[str, float] = {}
+    correct1 = correct5 = seen = 0
+    for x, y, index in loader:
+        teacher_out = None
+        if teacher is not None:
+            with torch.no_grad(), _autocast(env.device, amp):
+                teacher_out = teacher(x)
+        with _autocast(env.device, amp):
+            logits, losses = model(x, y, teacher_out, index if needs_index else None)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        n = y.numel()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+        c1, c5 = accuracy_counts(logits.detach().float(), y)
+        correct1 += c1
+        correct5 += c5
+        seen += n
+    names = sorted(sums)
+    totals = _all_reduce_sum([sums[k] for k in names] + [correct1, correct5, seen], env.device)
+    seen_all = totals[-1]
+    out = {name: totals[i] / seen_all for i, name in enumerate(names)}
+    out["top1"] = 100.0 * totals[-3] / seen_all
+    out["top5"] = 100.0 * totals[-2] / seen_all
+    out["images"] = seen_all
+    return out
+
+
+def _weights(distiller: Distiller, epoch: int) -> dict[str, Any]:
+    """The student in the official checkpoint format, with the method's modules beside it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "model": {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()},
+        "method": {k: v.detach().cpu().clone() for k, v in distiller.method.state_dict().items()},
+    }
+
+
+def _rng_state(env: WorkerEnv) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    return state
+
+
+def _save(folder: Path, cfg: TrainConfig, distiller, optimizer, state: TrainingState,
+          best_weights, env: WorkerEnv) -> None:
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.model_dump(mode="json"),
+            "model": distiller.student.state_dict(),
+            "method": distiller.method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": vars(state).copy(),
+            "rng": _rng_state(env),
+        },
+        folder / STATE_FILE,
+    )
+    if best_weights is not None:
+        torch.save(best_weights, folder / BEST_FILE)
+
+
+def _restore(folder: Path, distiller, optimizer, env: WorkerEnv):
+    blob = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    distiller.student.load_state_dict(blob["model"])
+    distiller.method.load_state_dict(blob["method"])
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    if "cuda" in blob["rng"] and env.device.type == "cuda":
+        torch.cuda.set_rng_state(blob["rng"]["cuda"], env.device)
+    best = None
+    if (folder / BEST_FILE).exists():
+        best = torch.load(folder / BEST_FILE, map_location="cpu", weights_only=True)
+    return TrainingState(**blob["state"]), best
+
+
+def _print_progress(cfg: TrainConfig, m: dict[str, float], epoch: int, seconds: float) -> None:
+    eta = (cfg.optim.epochs - epoch) * seconds
+    val = f" val top1 {m['val_top1']:.2f}" if "val_top1" in m else ""
+    print(
+        f"[{cfg.name}] epoch {epoch}/{cfg.optim.epochs} loss {m['train_total']:.4f} "
+        f"train top1 {m['train_top1']:.2f}{val} lr {m['lr']:.4g} "
+        f"{m['images_per_s']:.0f} img/s {seconds:.1f}s ETA {eta / 60:.1f} min",
+        flush=True,
+    )
+
+
+class _Tracker:
+    """Rank 0's MLflow logging: per-epoch metrics and, at the end, the best and last checkpoints."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from semckd_ray.tracking import RunLogger, last_logged_step
+
+        self.logger = RunLogger(tracking_uri, run_id)
+        # After a restart the epochs already logged are not logged again.
+        self.logged_up_to = last_logged_step(tracking_uri, run_id, "epoch")
+        # Artifacts wait here until MLflow has them, also through an outage.
+        self.folder = Path(tempfile.mkdtemp(prefix="semckd-artifacts-"))
+
+    def epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        if epoch > self.logged_up_to:
+            self.logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+
+    def final(self, cfg: TrainConfig, distiller, best_weights) -> None:
+        from semckd_ray.tracking import sha256_file
+
+        folder = self.folder
+        last_path = folder / "last.pt"
+        torch.save(_weights(distiller, cfg.optim.epochs), last_path)
+        paths = {"last": last_path}
+        if best_weights is not None:
+            best_path = folder / "best_model.pt"
+            torch.save(best_weights, best_path)
+            paths["best"] = best_path
+        for kind, path in paths.items():
+            self.logger.log_artifact(path, "checkpoints")
+            self.logger.set_tag(f"checkpoint.{kind}.sha256", sha256_file(path))
+            self.logger.set_tag(f"checkpoint.{kind}.path", f"checkpoints/{path.name}")
+
+    def close(self) -> None:
+        if self.logger.flush():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            log.warning("MLflow is still unreachable; %d logging calls were not sent (artifacts kept in %s)",
+                        self.logger.pending, self.folder)

@@ -1,0 +1,291 @@
+"""One training on Ray Train: checks first, then a ``TorchTrainer`` whose workers run ``run_worker``.
+
+Everything that can be wrong with the input (config, dataset, teacher checkpoint, tracking store,
+cluster size) is checked here, in the driver, before a single worker is started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from semckd_ray import tracking
+from semckd_ray.config import TrainConfig, flatten
+from semckd_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RAY_RESULTS_DIR = "ray_results"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    tracking_uri: str
+    registered_model: str | None = None
+
+
+# ------------------------------------------------------------------------------------------
+# Ray session
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), else start one here.
+
+    A local cluster binds to 127.0.0.1 so that nothing is exposed beyond this machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def cluster_capacity() -> dict[str, float]:
+    import ray
+
+    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once: int = 1) -> None:
+    """Workers the cluster cannot hold would wait forever: say so instead."""
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    need_gpu = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
+    have_cpu, have_gpu = capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)
+    problems = []
+    if need_cpu > have_cpu:
+        problems.append(f"{need_cpu:g} CPUs (scaling.num_workers={cfg.scaling.num_workers} x "
+                        f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g}) but the cluster has {have_cpu:g}")
+    if need_gpu > have_gpu:
+        problems.append(f"{need_gpu} GPUs (one per worker, scaling.num_workers={cfg.scaling.num_workers}) "
+                        f"but the cluster has {have_gpu:g}")
+    if problems:
+        raise UserError(
+            "the run needs " + "; and ".join(problems) + ". Lower scaling.num_workers or "
+            "scaling.cpus_per_worker, set scaling.use_gpu=false, or add nodes to the cluster."
+        )
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    """Where Ray keeps checkpoints: shared storage on a multi-node cluster, else a local folder."""
+    import ray
+
+    configured = cfg.tracking.storage_path
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and (configured is None or not _is_shared(configured)):
+        raise UserError(
+            f"tracking.storage_path={configured!r} is local, but this Ray cluster has {len(nodes)} nodes: "
+            "checkpoints must be on storage every node reaches. Set tracking.storage_path to an "
+            "absolute path on shared storage (NFS) or to s3://bucket/prefix (or gs://)."
+        )
+    if configured is None:
+        return str(Path.cwd().resolve() / RAY_RESULTS_DIR)
+    return configured if "://" in configured else str(Path(configured).resolve())
+
+
+def _is_shared(path: str) -> bool:
+    return "://" in path or Path(path).is_absolute()
+
+
+# ------------------------------------------------------------------------------------------
+# Checks before any resource is taken
+
+
+def preflight(cfg: TrainConfig) -> TrainConfig:
+    """Resolve the tracking URI and check dataset, teacher and tracking store; return the config to run."""
+    from semckd_ray.data import load_dataset
+    from semckd_ray.teacher import load_teacher
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_reachable(cfg.tracking.uri)
+    num_classes = load_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download,
+                               val_size=cfg.data.val_size, seed=cfg.seed).num_classes
+    if cfg.teacher is not None:
+        import torch
+
+        load_teacher(cfg.teacher, num_classes, torch.device("cpu"), cfg.tracking.uri)
+    return cfg
+
+
+def start_run(cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Create the MLflow run a training logs into; the whole resolved config becomes its params."""
+    mlflow_client = tracking.client(cfg.tracking.uri)
+    experiment_id = tracking.get_or_create_experiment(mlflow_client, cfg.tracking.experiment)
+    run_tags = {
+        "git_commit": tracking.git_commit(),
+        "dataset": cfg.data.dataset,
+        "world_size": str(cfg.scaling.num_workers),
+        "device": "gpu" if cfg.scaling.use_gpu else "cpu",
+        "method": cfg.method.name,
+        "student": cfg.student.model,
+        "teacher": cfg.teacher.model if cfg.teacher else "",
+        "teacher_checkpoint": cfg.teacher.checkpoint if cfg.teacher else "",
+        "role": "teacher" if cfg.teacher is None else "student",
+        "config_sha256": config_digest(cfg),
+        **(tags or {}),
+    }
+    if parent_run_id:
+        run_tags[tracking.PARENT_RUN_TAG] = parent_run_id
+    run_name = cfg.tracking.run_name or f"{cfg.name}-{cfg.method.name}-{cfg.student.model}"
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+    logger = tracking.RunLogger(cfg.tracking.uri, run.info.run_id)
+    params = flatten(cfg.model_dump(mode="json"))
+    params["method.beta_effective"] = cfg.beta()
+    params["optim.lr_effective"] = cfg.base_lr()
+    logger.log_params(params)
+    _log_config_file(logger, cfg)
+    return run.info.run_id
+
+
+def _log_config_file(logger: tracking.RunLogger, cfg: TrainConfig) -> None:
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        logger.log_artifact(path)
+
+
+# ------------------------------------------------------------------------------------------
+# The TorchTrainer
+
+
+def _ray_worker_entry(config: dict[str, Any]) -> None:
+    from semckd_ray.train_loop import run_worker
+
+    run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"])
+
+
+class RayReporter:
+    """The loop's reporter inside a Ray Train worker."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = f"epoch_{int(metrics['epoch']):05d}" if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def latest_checkpoint(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint is not None else None
+
+
+def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbacks: list | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        _ray_worker_entry,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id,
+                           "tracking_uri": cfg.tracking.uri},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=train_run_name,
+            storage_path=storage_path(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": cfg.tracking.uri}},
+        ),
+    )
+
+
+def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Run one training that logs into the MLflow run ``run_id`` and close that run."""
+    mlflow_client = tracking.client(cfg.tracking.uri)
+    trainer = build_trainer(cfg, run_id, train_run_name=train_run_name or f"{cfg.name}-{run_id}", callbacks=callbacks)
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        _terminate(mlflow_client, run_id, status, reason=f"{type(exc).__name__}: {exc}")
+        raise
+    _terminate(mlflow_client, run_id, "FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(run_id=run_id, metrics=dict(result.metrics or {}), checkpoint_path=checkpoint,
+                       tracking_uri=cfg.tracking.uri)
+
+
+def register_model(cfg: TrainConfig, run_id: str) -> str | None:
+    """Register the run's checkpoints under ``tracking.register_model``; returns ``models:/name/version``."""
+    name = cfg.tracking.register_model
+    if not name:
+        return None
+    mlflow_client = tracking.client(cfg.tracking.uri)
+    try:
+        mlflow_client.create_registered_model(name)
+    except Exception:
+        pass  # it exists already: add a version
+    version = mlflow_client.create_model_version(name, source=f"runs:/{run_id}/checkpoints", run_id=run_id)
+    return f"models:/{name}/{version.version}"
+
+
+def _terminate(mlflow_client, run_id: str, status: str, reason: str | None = None) -> None:
+    try:
+        if reason:
+            mlflow_client.set_tag(run_id, "failure_reason", reason[:5000])
+        mlflow_client.set_terminated(run_id, status=status)
+    except Exception as exc:  # tracking down at the very end: the training result still stands
+        log.warning("could not mark MLflow run %s as %s: %s", run_id, status, exc)
+
+
+def config_digest(cfg: TrainConfig) -> str:
+    """Identifies what a training computes (tracking settings aside): equal digests, same training."""
+    import hashlib
+    import json
+
+    content = cfg.model_dump(mode="json", exclude={"tracking"})
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def find_finished_run(cfg: TrainConfig, digest: str) -> str | None:
+    """The newest finished run of the same config in the experiment, if any."""
+    mlflow_client = tracking.client(tracking.resolve_tracking_uri(cfg.tracking.uri))
+    experiment = mlflow_client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    runs = mlflow_client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.config_sha256 = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Everything ``python -m semckd_ray.train`` does: check, start Ray, run, close the run."""
+    from semckd_ray.teacher import ensure_teacher
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_reachable(cfg.tracking.uri)
+    cfg = preflight(ensure_teacher(cfg))
+    ensure_ray()
+    check_resources(cfg, cluster_capacity())
+    storage_path(cfg)  # multi-node storage check before the run exists
+    run_id = start_run(cfg)
+    result = fit(cfg, run_id=run_id)
+    result.registered_model = register_model(cfg, run_id)
+    return result

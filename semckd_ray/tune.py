@@ -1,0 +1,415 @@
+"""``python -m semckd_ray.tune [--config FILE] [--set key=value ...] [--resume [PATH]]``: a sweep.
+
+Optuna (TPE, seeded) proposes values for the keys in the file's ``search.space`` (beta, the
+query/key factor, the attention temperature, the projection width, or any other dotted config
+key); ASHA stops poor trials early. Each trial is one Ray Train run of ``semckd_ray.trainer``
+started from a Tune function trainable, scored on the validation split. MLflow gets a parent run
+per sweep, a child run per trial, the best trial tagged and a summary artifact on the parent.
+With no ``--config`` the embedded default, ``tune_configs/default.yaml``, runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from semckd_ray import tracking
+from semckd_ray.cli import config_arguments, run_cli
+from semckd_ray.config import (
+    TrainConfig,
+    apply_overrides,
+    flatten,
+    format_validation_error,
+    get_dotted,
+    parse_train_config,
+    read_yaml,
+    set_dotted,
+)
+from semckd_ray.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "default.yaml"
+SWEEP_FILE = "semckd_sweep.json"
+METRIC = "best_val_top1"  # validation only: the test split never steers the search
+
+
+class ParamSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["loguniform", "uniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ParamSpec:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' needs a non-empty 'values' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type!r} range needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low={self.low} must be below high={self.high}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"a 'loguniform' range needs low > 0, got {self.low}")
+        return self
+
+    def tune_domain(self):
+        from ray import tune
+
+        if self.type == "choice":
+            return tune.choice(self.values)
+        if self.type == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.type == "uniform":
+            return tune.uniform(self.low, self.high)
+        return tune.randint(int(self.low), int(self.high))  # high exclusive
+
+    def probe_values(self) -> list[Any]:
+        """Values at the edges of the range: each must make a valid training config."""
+        if self.type == "choice":
+            return list(self.values)
+        if self.type == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=1, ge=1)  # epochs before a trial may be stopped
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)  # None: as many as the cluster holds
+    repeats: int = Field(default=1, ge=1)  # seeds per trial; the score is their mean
+    seed: int = 0
+    space: dict[str, ParamSpec] = Field(default_factory=dict)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+
+def parse_search(raw: dict[str, Any], config_dir: Path) -> tuple[SearchConfig, TrainConfig]:
+    """Validate the search section and check that every value it may sample gives a valid config."""
+    try:
+        search = SearchConfig.model_validate(raw.get("search") or {})
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc).replace("\n  ", "\n  search.")) from None
+    if not search.space:
+        raise UserError("search.space is empty: name at least one dotted config key to search, "
+                        "e.g. method.beta: {type: loguniform, low: 10, high: 1000}")
+    base = parse_train_config(raw, config_dir=config_dir)
+    for key, spec in search.space.items():
+        try:
+            get_dotted(base.model_dump(), key)
+        except KeyError:
+            if not key.startswith("method.options."):
+                raise UserError(f"search.space key {key!r} is not a config key") from None
+        for value in spec.probe_values():
+            probe = json.loads(json.dumps(raw))
+            set_dotted(probe, key, value)
+            try:
+                parse_train_config(probe, config_dir=config_dir)
+            except UserError as exc:
+                raise UserError(f"search.space.{key}: the value {value!r} is invalid: {exc}") from None
+    return search, base
+
+
+# ------------------------------------------------------------------------------------------
+# The trial
+
+
+def _sampled(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flatten(params).items()}
+
+
+def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, parent_run_id: str,
+              sweep_name: str, repeats: int) -> None:
+    """A Tune function trainable: one Ray Train run per repeat, logged as the trial's MLflow run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from semckd_ray.trainer import fit
+
+    sampled = _sampled(params)
+    trial_raw = json.loads(json.dumps(raw))
+    for key, value in sampled.items():
+        set_dotted(trial_raw, key, value)
+    cfg = parse_train_config(trial_raw, config_dir=config_dir)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = _trial_run(cfg, parent_run_id, trial_id, sampled)
+    if repeats == 1:
+        fit(cfg, run_id=run_id, train_run_name=f"{sweep_name}-{trial_id}", callbacks=[TuneReportCallback()])
+        return
+    # Repeats run one after another and the trial reports the epoch-wise mean across seeds.
+    histories = []
+    for k in range(repeats):
+        seed_cfg = cfg.model_copy(deep=True)
+        seed_cfg.seed = cfg.seed + k
+        seed_run = _trial_run(seed_cfg, run_id, f"{trial_id}-seed{k}", sampled)
+        fit(seed_cfg, run_id=seed_run, train_run_name=f"{sweep_name}-{trial_id}-seed{k}")
+        histories.append(_history(cfg.tracking.uri, seed_run))
+    logger = tracking.RunLogger(cfg.tracking.uri, run_id)
+    for epoch in sorted(set.intersection(*(set(h) for h in histories))):
+        mean = {key: sum(h[epoch][key] for h in histories) / repeats
+                for key in histories[0][epoch] if all(key in h[epoch] for h in histories)}
+        logger.log_metrics(mean, step=epoch)
+        tune.report(mean)
+    tracking.client(cfg.tracking.uri).set_terminated(run_id, "FINISHED")
+
+
+def _history(uri: str, run_id: str) -> dict[int, dict[str, float]]:
+    client = tracking.client(uri)
+    run = client.get_run(run_id)
+    out: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            out.setdefault(m.step, {})[key] = m.value
+    return out
+
+
+def _trial_run(cfg: TrainConfig, parent_run_id: str, trial_id: str, sampled: dict[str, Any]) -> str:
+    """The trial's MLflow run: found again by its trial id when a resumed sweep re-runs the trial."""
+    from semckd_ray.trainer import start_run
+
+    client = tracking.client(cfg.tracking.uri)
+    parent = client.get_run(parent_run_id)
+    existing = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.tune_trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        max_results=1,
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {"tune_trial_id": trial_id, **{f"searched.{k}": str(v) for k, v in sampled.items()}}
+    return start_run(cfg, parent_run_id=parent_run_id, tags=tags)
+
+
+# ------------------------------------------------------------------------------------------
+# The sweep
+
+
+def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> dict[str, Any]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from semckd_ray.teacher import ensure_teacher
+    from semckd_ray.trainer import check_resources, cluster_capacity, ensure_ray, preflight, storage_path
+
+    search, base = parse_search(raw, config_dir)
+    base.tracking.uri = tracking.resolve_tracking_uri(base.tracking.uri)
+    tracking.check_reachable(base.tracking.uri)
+    base = preflight(ensure_teacher(base))
+    # Every trial shares the resolved teacher, tracking store and absolute paths.
+    raw = {**base.model_dump(mode="json"), "search": raw.get("search")}
+    ensure_ray()
+    capacity = cluster_capacity()
+    check_resources(base, capacity)
+    root = storage_path(base)
+
+    per_trial_cpu = base.scaling.num_workers * base.scaling.cpus_per_worker
+    fits = int(capacity.get("CPU", 0) // per_trial_cpu)
+    if base.scaling.use_gpu:
+        fits = min(fits, int(capacity.get("GPU", 0) // base.scaling.num_workers))
+    concurrent = max(1, min(fits, search.max_concurrent or fits))
+
+    client = tracking.client(base.tracking.uri)
+    if resume:
+        sweep_dir = _find_sweep(root, base.name, resume)
+        info = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        parent_run_id, sweep_name = info["parent_run_id"], info["sweep_name"]
+        client.update_run(parent_run_id, status="RUNNING")
+        print(f"[semckd-ray] resuming sweep {sweep_name} ({sweep_dir})", flush=True)
+    else:
+        sweep_name = f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = Path(root) / sweep_name if "://" not in root else None
+        parent_run_id = _start_parent(base, search, sweep_name, raw)
+
+    trainable = tune.with_parameters(
+        run_trial, raw=raw, config_dir=str(config_dir), parent_run_id=parent_run_id,
+        sweep_name=sweep_name, repeats=search.repeats,
+    )
+    # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs.
+    trainable = tune.with_resources(trainable, {"cpu": 0})
+    if resume:
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        param_space: dict[str, Any] = {}
+        for key, spec in search.space.items():
+            set_dotted(param_space, key, spec.tune_domain())
+        scheduler = (
+            ASHAScheduler(time_attr="epoch", max_t=base.optim.epochs, grace_period=search.scheduler.grace_period,
+                          reduction_factor=search.scheduler.reduction_factor)
+            if search.scheduler.type == "asha" else FIFOScheduler()
+        )
+        import optuna
+
+        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                num_samples=search.num_samples, max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(name=sweep_name, storage_path=root, verbose=1),
+        )
+        if sweep_dir is not None:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            (sweep_dir / SWEEP_FILE).write_text(json.dumps(
+                {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": base.tracking.uri}))
+    print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, {concurrent} at a time; "
+          f"MLflow parent run {parent_run_id}", flush=True)
+    try:
+        results = tuner.fit()
+    except BaseException:
+        client.set_terminated(parent_run_id, "KILLED")
+        raise
+    summary = summarize(base, parent_run_id, results, search)
+    client.set_terminated(parent_run_id, "FINISHED")
+    return summary
+
+
+def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw: dict[str, Any]) -> str:
+    client = tracking.client(base.tracking.uri)
+    experiment_id = tracking.get_or_create_experiment(client, base.tracking.experiment)
+    run = client.create_run(experiment_id, run_name=sweep_name, tags={
+        "role": "sweep", "sweep_name": sweep_name, "git_commit": tracking.git_commit(),
+        "dataset": base.data.dataset, "method": base.method.name,
+        "student": base.student.model, "teacher": base.teacher.model if base.teacher else "",
+    })
+    logger = tracking.RunLogger(base.tracking.uri, run.info.run_id)
+    params = {f"search.{k}": v for k, v in flatten(search.model_dump(mode="json")).items()}
+    params.update({"searcher": "optuna.TPESampler", "scheduler": search.scheduler.type, "metric": METRIC})
+    params.update({f"base.{k}": v for k, v in flatten(base.model_dump(mode="json")).items()})
+    logger.log_params(params)
+    with tempfile.TemporaryDirectory() as tmp:
+        import yaml
+
+        path = Path(tmp) / "experiment.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        logger.log_artifact(path)
+    return run.info.run_id
+
+
+def _find_sweep(root: str, name: str, resume: str) -> Path:
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / SWEEP_FILE).is_file():
+            raise UserError(f"--resume {resume}: no sweep there (missing {SWEEP_FILE})")
+        return path
+    candidates = sorted(p.parent for p in Path(root).glob(f"{name}-*/{SWEEP_FILE}"))
+    if not candidates:
+        raise UserError(f"--resume: no sweep named {name!r} under {root}; pass its folder: --resume PATH")
+    return candidates[-1]
+
+
+def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConfig) -> dict[str, Any]:
+    """Close every trial's run truthfully, tag the best, and log the summary on the parent."""
+    client = tracking.client(base.tracking.uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        max_results=10000,
+    )
+    errored = {r.metrics.get("trial_id") for r in results if r.error} if results is not None else set()
+    rows = []
+    for run in children:
+        metrics = run.data.metrics
+        epochs = int(metrics.get("epoch", 0))
+        status = run.info.status
+        if status == "RUNNING":  # Tune stopped it (ASHA) or its process died: never leave it RUNNING
+            failed = run.data.tags.get("tune_trial_id") in errored
+            status = "FAILED" if failed else "KILLED"
+            if not failed:
+                client.set_tag(run.info.run_id, "stopped_early", "true")
+            client.set_terminated(run.info.run_id, status)
+        rows.append({
+            "run_id": run.info.run_id,
+            "trial_id": run.data.tags.get("tune_trial_id", ""),
+            **{k: v for k, v in run.data.tags.items() if k.startswith("searched.")},
+            "best_val_top1": metrics.get("best_val_top1", math.nan),
+            "test_top1_at_best_val": metrics.get("test_top1_at_best_val", math.nan),
+            "epochs": epochs,
+            "status": "STOPPED_EARLY" if status == "KILLED" and epochs < base.optim.epochs else status,
+        })
+    rows.sort(key=lambda r: -r["best_val_top1"] if math.isfinite(r["best_val_top1"]) else math.inf)
+    best = rows[0] if rows and math.isfinite(rows[0]["best_val_top1"]) else None
+    if best is not None:
+        client.set_tag(best["run_id"], "best_trial", "true")
+        client.set_tag(parent_run_id, "best_run_id", best["run_id"])
+        client.log_metric(parent_run_id, "best_val_top1", best["best_val_top1"])
+    with tempfile.TemporaryDirectory() as tmp:
+        columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "run_id", k != "trial_id", k))
+        with open(Path(tmp) / "summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        (Path(tmp) / "summary.json").write_text(json.dumps(rows, indent=1))
+        client.log_artifact(parent_run_id, str(Path(tmp) / "summary.csv"))
+        client.log_artifact(parent_run_id, str(Path(tmp) / "summary.json"))
+    return {"parent_run_id": parent_run_id, "best": best, "trials": rows,
+            "tracking_uri": base.tracking.uri, "experiment": base.tracking.experiment}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    rows = summary["trials"]
+    searched = sorted({k for r in rows for k in r if k.startswith("searched.")})
+    header = ["trial_id", *[k[len("searched."):] for k in searched], "best_val_top1", "test_top1_at_best_val",
+              "epochs", "status"]
+    table = [[str(r.get("trial_id", ""))] + [_fmt(r.get(k)) for k in searched]
+             + [_fmt(r["best_val_top1"]), _fmt(r["test_top1_at_best_val"]), str(r["epochs"]), r["status"]]
+             for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    best = summary["best"]
+    if best is not None:
+        print(f"\nbest trial {best['trial_id']} (MLflow run {best['run_id']}): validation top-1 "
+              f"{best['best_val_top1']:.2f}, test top-1 at that epoch {best['test_top1_at_best_val']:.2f}")
+        for key in searched:
+            print(f"  {key[len('searched.'):]} = {best.get(key)}")
+    print(f"\nsweep parent run: {summary['parent_run_id']} in experiment {summary['experiment']!r}")
+    print(f"browse it: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if math.isfinite(value) else "-"
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m semckd_ray.tune", description=__doc__.splitlines()[0])
+    config_arguments(parser, config_required=False)
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                        help="continue an interrupted sweep: the latest of this config, or the sweep folder PATH")
+    args = parser.parse_args(argv)
+    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    raw = apply_overrides(read_yaml(path), args.overrides)
+    summary = sweep(raw, path.resolve().parent, resume=args.resume)
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
