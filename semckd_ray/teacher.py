@@ -133,7 +133,5 @@ def ensure_teacher(cfg: TrainConfig) -> TrainConfig:
         run_id = train(teacher_cfg).run_id
     else:
         print(f"[semckd-ray] reusing teacher run {run_id} ({cfg.teacher.train})", flush=True)
-    cfg = cfg.model_copy(deep=True)
-    cfg.teacher.checkpoint = f"runs:/{run_id}"
-    cfg.teacher.train = None
-    return cfg
+    teacher = TeacherConfig(model=cfg.teacher.model, checkpoint=f"runs:/{run_id}")
+    return cfg.model_copy(update={"teacher": teacher}, deep=True)

@@ -218,10 +218,9 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
 
     model = distiller
     if env.world_size > 1:
+        ddp_options = {"broadcast_buffers": False} if method_cls.syncs_own_buffers else {}
         model = nn.parallel.DistributedDataParallel(
-            distiller,
-            device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=not method_cls.syncs_own_buffers,
+            distiller, device_ids=[env.device.index] if env.device.type == "cuda" else None, **ddp_options
         )
     if cfg.scaling.compile:
         model = torch.compile(model)
@@ -268,10 +267,18 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
                 best_epoch=state.best_epoch,
             )
         if not math.isfinite(metrics["train_total"]):
-            raise FloatingPointError(
-                f"the training loss became {metrics['train_total']} in epoch {epoch}; "
-                "lower optim.lr or method.beta"
-            )
+            # A diverged run stops here, cleanly: retrying would diverge again.
+            metrics["diverged"] = 1.0
+            reason = (f"non-finite training loss ({metrics['train_total']}) in epoch {epoch}; "
+                      "lower optim.lr or method.beta")
+            if tracker is not None:
+                tracker.epoch(metrics, epoch)
+                tracker.logger.set_tag("stopped_reason", reason)
+                tracker.close()
+            reporter.report(metrics, None)
+            if env.rank == 0:
+                print(f"[{cfg.name}] stopped: {reason}", flush=True)
+            return metrics
         state.epoch = epoch
         save = last or epoch % cfg.checkpoint.every == 0
         with tempfile.TemporaryDirectory() as tmp:
@@ -293,9 +300,11 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
 
 
 def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, needs_index: bool) -> dict[str, float]:
+    """One pass over this worker's shard; loss sums stay on the device until the epoch ends."""
     model.train()
-    sums: dict[str, float] = {}
-    correct1 = correct5 = seen = 0
+    sums: dict[str, Tensor] = {}
+    correct = torch.zeros(2, dtype=torch.float64, device=env.device)
+    seen = 0
     for x, y, index in loader:
         teacher_out = None
         if teacher is not None:
@@ -307,14 +316,16 @@ def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, n
         losses["total"].backward()
         optimizer.step()
         n = y.numel()
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
-        c1, c5 = accuracy_counts(logits.detach().float(), y)
-        correct1 += c1
-        correct5 += c5
+        with torch.no_grad():
+            for name, value in losses.items():
+                term = value.detach().double() * n
+                sums[name] = sums[name] + term if name in sums else term
+            top5 = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+            correct += torch.stack([top5[:, 0].sum(), top5.any(dim=1).sum()]).double()
         seen += n
     names = sorted(sums)
-    totals = _all_reduce_sum([sums[k] for k in names] + [correct1, correct5, seen], env.device)
+    local = [float(sums[k]) for k in names] + correct.tolist() + [seen]
+    totals = _all_reduce_sum(local, env.device)
     seen_all = totals[-1]
     out = {name: totals[i] / seen_all for i, name in enumerate(names)}
     out["top1"] = 100.0 * totals[-3] / seen_all

@@ -47,7 +47,9 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        # The dashboard serves the State API that Ray Train's controller polls (and users watch).
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
 
 
 def cluster_capacity() -> dict[str, float]:
@@ -207,6 +209,8 @@ def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbac
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": cfg.tracking.uri}},
+            # Our own per-epoch progress lines say what matters; Ray's per-report lines repeat them.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -221,9 +225,13 @@ def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, cal
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         _terminate(mlflow_client, run_id, status, reason=f"{type(exc).__name__}: {exc}")
         raise
-    _terminate(mlflow_client, run_id, "FINISHED")
+    metrics = dict(result.metrics or {})
+    if metrics.get("diverged"):
+        _terminate(mlflow_client, run_id, "FAILED", reason=f"training loss diverged in epoch {metrics.get('epoch')}")
+    else:
+        _terminate(mlflow_client, run_id, "FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(run_id=run_id, metrics=dict(result.metrics or {}), checkpoint_path=checkpoint,
+    return TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint,
                        tracking_uri=cfg.tracking.uri)
 
 

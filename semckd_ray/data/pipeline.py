@@ -1,13 +1,16 @@
 """The input pipeline: batches cut from an in-memory uint8 split, augmented as batched tensor ops.
 
 The paper's augmentation (``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``) is cheap per
-pixel but, done per image in PIL by DataLoader workers, it costs more CPU than a small CIFAR student
-takes to train. Here a batch is gathered from the uint8 split, padded once and cropped and flipped in
-one gather of row-sized windows on the batch's device; normalisation is one fused multiply-add.
+pixel, but done per image in PIL by DataLoader workers it costs Python overhead per image and
+competes with training for CPU cores; with a GPU training a small CIFAR student at thousands of
+images a second, it becomes the bottleneck. Here a batch is gathered from the uint8 split, padded
+once, cropped and flipped in one gather of row-sized windows on the batch's device, and normalised
+by one in-place multiply and add.
 
-Randomness comes only from CPU ``torch.Generator``s seeded by (seed, epoch[, rank]), so a run with
-the same seed, epoch and rank yields bit-identical batches on any device -- resuming at an epoch
-boundary replays exactly what an uninterrupted run would have seen.
+Randomness comes only from CPU ``torch.Generator``s seeded by (seed, epoch[, rank]) and is drawn for
+the whole epoch when it starts (three numbers per image), so a run with the same seed, epoch and rank
+yields bit-identical batches on any device -- resuming at an epoch boundary replays exactly what an
+uninterrupted run would have seen.
 """
 
 from __future__ import annotations

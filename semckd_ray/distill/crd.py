@@ -187,9 +187,10 @@ class CRD(DistillMethod):
 
         Scoring against the whole memory and picking the columns is the same arithmetic as
         RepDistiller's gather-then-bmm but never materialises a [B, 1 + K, feat_dim] copy of the
-        memory (537 MB at the official sizes), and is several times faster.
+        memory (537 MB at the official sizes), and is several times faster. The product keeps a
+        copy of the memory for its backward because the memory is updated in place before that.
         """
-        scores = (anchors @ memory.t()).gather(1, contrast_idx)
+        scores = (anchors @ memory.t().clone()).gather(1, contrast_idx)
         return torch.exp(scores / self.temperature)
 
     @torch.no_grad()

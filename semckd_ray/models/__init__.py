@@ -9,7 +9,7 @@ or our own checkpoints into it.
 from semckd_ray.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401
 from semckd_ray.models._features import CifarModel, FeatureInfo
 from semckd_ray.models._registry import create_model, list_models, register_model
-from semckd_ray.models.checkpoint import load_checkpoint, save_checkpoint
+from semckd_ray.models.checkpoint import load_checkpoint
 
 __all__ = [
     "CifarModel",
@@ -18,5 +18,4 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "register_model",
-    "save_checkpoint",
 ]

@@ -23,19 +23,10 @@ from torch import Tensor, nn
 
 from semckd_ray.errors import UserError
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint"]
 
 _DDP_PREFIX = "module."
 _MAX_LISTED = 8
-
-
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
-    """Write ``{"model": model.state_dict(), **extra}``, the format ``load_checkpoint`` reads.
-
-    ``extra`` must hold only what ``weights_only`` loading accepts (tensors, numbers, strings,
-    lists, dicts), or the file could not be read back.
-    """
-    torch.save({"model": model.state_dict(), **extra}, path)
 
 
 def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -62,7 +53,7 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
 
 def _read(path: Path) -> Any:
     if not path.is_file():
-        raise UserError(f"checkpoint file '{path}' does not exist (or is not a file); check the path.")
+        raise UserError(f"checkpoint file '{path}' does not exist or is not a file; check the path.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as err:
@@ -75,15 +66,19 @@ def _read(path: Path) -> Any:
                 "and re-save its state dict with torch.save({'model': state_dict}, path)."
             ) from None
         raise _unreadable(path, err) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+    except Exception as err:  # a damaged file can fail anywhere in the unpickler, with any error type
         raise _unreadable(path, err) from None
 
 
 def _unreadable(path: Path, err: Exception) -> UserError:
-    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    # torch's weights-only errors end with a pointer to its docs; the line before says what failed.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith("Check the documentation")]
+    reason = reasons[-1] if reasons else type(err).__name__
     return UserError(
-        f"checkpoint file '{path}' could not be read: it is corrupt, truncated or not a PyTorch "
-        f"checkpoint (torch.load said: {reason})."
+        f"checkpoint file '{path}' could not be read: it is corrupt, truncated, not a PyTorch checkpoint, "
+        f"or holds pickled objects that loading with weights_only=True refuses for safety "
+        f"(torch.load said: {reason})."
     )
 
 

@@ -91,7 +91,8 @@ class ShuffleNetV2(CifarModel):
         in_channels = _STEM_CHANNELS
         stages = []
         for channels, blocks in zip(out_channels[:3], num_blocks):
-            stages.append(nn.Sequential(DownBlock(in_channels, channels), *(BasicBlock(channels) for _ in range(blocks))))
+            blocks_after_down = (BasicBlock(channels) for _ in range(blocks))
+            stages.append(nn.Sequential(DownBlock(in_channels, channels), *blocks_after_down))
             in_channels = channels
         self.layer1, self.layer2, self.layer3 = stages
         self.conv2 = _pointwise(out_channels[2], out_channels[3])

@@ -31,7 +31,8 @@ _CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
 def _make_block(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        conv = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        layers += [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         in_channels = width
     return nn.Sequential(*layers[:-1])
 

@@ -45,7 +45,8 @@ class NetworkBlock(nn.Module):
     def __init__(self, num_blocks: int, in_planes: int, out_planes: int, stride: int):
         super().__init__()
         self.layer = nn.Sequential(
-            *(BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(num_blocks))
+            BasicBlock(in_planes, out_planes, stride),
+            *(BasicBlock(out_planes, out_planes, 1) for _ in range(num_blocks - 1)),
         )
 
     def forward(self, x: Tensor) -> Tensor:

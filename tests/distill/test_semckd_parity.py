@@ -99,6 +99,9 @@ def _run_vector(path: Path) -> tuple[dict, dict, float]:
             for j, value in enumerate(row):
                 expected[f"{name}[{i}][{j}]"] = value
                 actual[f"{name}[{i}][{j}]"] = getattr(out, name)[i][j]
+    if "proj_out_shapes" in config:
+        expected["proj_out_shapes"] = torch.tensor(config["proj_out_shapes"])
+        actual["proj_out_shapes"] = torch.tensor([[list(p.shape) for p in row] for row in out.proj_value_stu])
     for i, (f, g) in enumerate(zip(feat_s, gold["grad_feat_s"], strict=True)):
         expected[f"grad_feat_s[{i}]"], actual[f"grad_feat_s[{i}]"] = g, f.grad
     skip = set(config["params_without_grad"])
