@@ -299,6 +299,24 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     return final
 
 
+def train_step(model, teacher, optimizer, x: Tensor, y: Tensor, index: Tensor | None, device: torch.device,
+               amp: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """One SGD step on one batch: teacher forward without gradients, distiller forward and backward, update.
+
+    The whole of an iteration's math, shared by ``_train_epoch`` and ``bench/step.py``.
+    """
+    teacher_out = None
+    if teacher is not None:
+        with torch.no_grad(), _autocast(device, amp):
+            teacher_out = teacher(x)
+    with _autocast(device, amp):
+        logits, losses = model(x, y, teacher_out, index)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return logits, losses
+
+
 def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, needs_index: bool) -> dict[str, float]:
     """One pass over this worker's shard; loss sums stay on the device until the epoch ends."""
     model.train()
@@ -306,15 +324,7 @@ def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, n
     correct = torch.zeros(2, dtype=torch.float64, device=env.device)
     seen = 0
     for x, y, index in loader:
-        teacher_out = None
-        if teacher is not None:
-            with torch.no_grad(), _autocast(env.device, amp):
-                teacher_out = teacher(x)
-        with _autocast(env.device, amp):
-            logits, losses = model(x, y, teacher_out, index if needs_index else None)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
+        logits, losses = train_step(model, teacher, optimizer, x, y, index if needs_index else None, env.device, amp)
         n = y.numel()
         with torch.no_grad():
             for name, value in losses.items():

@@ -38,6 +38,7 @@ from semckd_ray.errors import UserError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "default.yaml"
 SWEEP_FILE = "semckd_sweep.json"
 METRIC = "best_val_top1"  # validation only: the test split never steers the search
+TRIAL_DRIVER_MEMORY = 512 * 1024**2  # bytes reserved for each trial's own process
 
 
 class ParamSpec(BaseModel):
@@ -241,8 +242,9 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
         run_trial, raw=raw, config_dir=str(config_dir), parent_run_id=parent_run_id,
         sweep_name=sweep_name, repeats=search.repeats,
     )
-    # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs.
-    trainable = tune.with_resources(trainable, {"cpu": 0})
+    # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs:
+    # reserving a CPU for it as well would leave the workers of concurrent trials none to run on.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if resume:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -330,10 +332,15 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
         metrics = run.data.metrics
         epochs = int(metrics.get("epoch", 0))
         status = run.info.status
-        if status == "RUNNING":  # Tune stopped it (ASHA) or its process died: never leave it RUNNING
-            failed = run.data.tags.get("tune_trial_id") in errored
-            status = "FAILED" if failed else "KILLED"
-            if not failed:
+        if status == "RUNNING":
+            # Tune ended the trial's process before fit() could close the run: ASHA stopped it
+            # early, or at max_t, which is the last epoch. Never leave a run RUNNING.
+            if run.data.tags.get("tune_trial_id") in errored:
+                status = "FAILED"
+            elif epochs >= base.optim.epochs:
+                status = "FINISHED"
+            else:
+                status = "KILLED"
                 client.set_tag(run.info.run_id, "stopped_early", "true")
             client.set_terminated(run.info.run_id, status)
         rows.append({

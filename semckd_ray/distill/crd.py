@@ -102,7 +102,8 @@ class CRD(DistillMethod):
                     raise UserError(f"crd option {key} must be an integer >= 1, got {value!r}")
             if isinstance(self.nce_t, bool) or not isinstance(self.nce_t, (int, float)) or not self.nce_t > 0:
                 raise UserError(f"crd option nce_t must be a number > 0, got {self.nce_t!r}")
-            if isinstance(self.nce_m, bool) or not isinstance(self.nce_m, (int, float)) or not 0 <= self.nce_m < 1:
+            m = self.nce_m
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
                 raise UserError(f"crd option nce_m must be a number in [0, 1), got {self.nce_m!r}")
 
     def __init__(self, ctx: DistillContext, options: Options | None = None):

@@ -62,16 +62,15 @@ class FitNet(DistillMethod):
         hint_layer: int = 2
 
         def __post_init__(self):
-            if isinstance(self.hint_layer, bool) or not isinstance(self.hint_layer, int) or self.hint_layer < 0:
-                raise UserError(f"fitnet option hint_layer must be an integer >= 0, got {self.hint_layer!r}")
+            layer = self.hint_layer
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise UserError(f"fitnet option hint_layer must be an integer >= 0, got {layer!r}")
 
     def __init__(self, ctx: DistillContext, options: Options | None = None):
         super().__init__(ctx, options)
         layer = self.options.hint_layer
         s_shapes, t_shapes = ctx.student_shapes, ctx.teacher_shapes
-        usable = [
-            i for i in range(min(len(s_shapes), len(t_shapes))) if len(s_shapes[i]) == 3 and len(t_shapes[i]) == 3
-        ]
+        usable = [i for i, (s, t) in enumerate(zip(s_shapes, t_shapes)) if len(s) == 3 and len(t) == 3]
         if layer not in usable:
             raise UserError(
                 f"fitnet option hint_layer={layer} does not index a feature map (C x H x W) of both "

@@ -71,17 +71,16 @@ class VID(DistillMethod):
                 or not self.init_pred_var > self.eps
             ):
                 raise UserError(
-                    f"vid option init_pred_var must be a number > eps ({self.eps}), got {self.init_pred_var!r}"
+                    f"vid option init_pred_var must be a number > eps ({self.eps}), "
+                    f"got {self.init_pred_var!r}"
                 )
 
     def __init__(self, ctx: DistillContext, options: Options | None = None):
         super().__init__(ctx, options)
         s_maps = intermediate_maps(ctx.student_shapes, "student", self.name)
         t_maps = intermediate_maps(ctx.teacher_shapes, "teacher", self.name)
-        opts = self.options
-        self.pairs = nn.ModuleList(
-            VIDPair(s[0], t[0], t[0], float(opts.init_pred_var), float(opts.eps)) for s, t in zip(s_maps, t_maps)
-        )
+        init_var, eps = float(self.options.init_pred_var), float(self.options.eps)
+        self.pairs = nn.ModuleList(VIDPair(s[0], t[0], t[0], init_var, eps) for s, t in zip(s_maps, t_maps))
 
     def forward(self, out_s, out_t, target, index=None):
         maps = zip(self.pairs, out_s[1][1:-1], out_t[1][1:-1])

@@ -76,7 +76,9 @@ def _with_stem_and_pool(maps: list[torch.Tensor]) -> list[torch.Tensor]:
     """The vectors hold only ``features[1:-1]``; the methods read whole feature lists, so wrap
     them in placeholder stem and pooled entries (which the methods must ignore)."""
     bsz, dtype = maps[0].shape[0], maps[0].dtype
-    return [torch.full((bsz, 1, 2, 2), float("nan"), dtype=dtype), *maps, torch.full((bsz, 1), float("nan"), dtype=dtype)]
+    stem = torch.full((bsz, 1, 2, 2), float("nan"), dtype=dtype)
+    pooled = torch.full((bsz, 1), float("nan"), dtype=dtype)
+    return [stem, *maps, pooled]
 
 
 def compute_baselines(data: dict) -> dict:

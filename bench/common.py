@@ -1,0 +1,125 @@
+"""What every benchmark script shares: the machine record, summary statistics, JSON results, subprocess runs.
+
+Every figure is summarised as min / median / max over timed repeats taken after warm-up. A result
+file in ``bench/results/`` records the machine (CPU model, cores, load averages before and after),
+the date, the torch / ray versions and the exact command, so that a number can be traced back to
+how it was taken. Numbers taken on a shared, loaded machine are only comparable side by side.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` from anywhere imports the package and bench.*
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max (and the count) of a list of measurements."""
+    values = list(values)
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def load_avg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in info.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name", platform.machine())
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """The machine a result was taken on; ``gpu`` only where CUDA is available."""
+    import torch
+
+    record: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_avg": load_avg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": _version("ray"),
+        "torchvision": _version("torchvision"),
+    }
+    if torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name()
+        record["cuda"] = torch.version.cuda
+    return record
+
+
+def command() -> str:
+    """The command line that produced this result, as it could be typed again."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def save_result(name: str, result: dict[str, Any], folder: Path | None = None) -> Path:
+    """Write ``result`` with machine, date and command to ``<folder>/<name>-<timestamp>.json``."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    payload = {
+        "benchmark": name,
+        "date": now.isoformat(timespec="seconds"),
+        "command": command(),
+        "machine": machine(),
+        **result,
+    }
+    folder = Path(folder or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def run_json(script: str, args: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``bench/<script>`` with ``args`` in a fresh Python process; return the JSON of its last stdout line.
+
+    A fresh process per configuration keeps peak-memory figures (``ru_maxrss``) from mixing.
+    On failure the returned dict holds ``error`` (the tail of stderr) instead.
+    """
+    cmd = [sys.executable, str(BENCH_DIR / script), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "command": shlex.join(cmd)}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-2000:], "returncode": proc.returncode, "command": shlex.join(cmd)}
+    return json.loads(lines[-1])
+
+
+def fmt_summary(s: dict[str, float], unit: str = "ms", digits: int = 1) -> str:
+    return f"{s['median']:.{digits}f} {unit} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f}, n={s['n']})"
