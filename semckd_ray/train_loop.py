@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from semckd_ray.attention import attention_loader, attention_metrics, has_attention, mean_attention
 from semckd_ray.config import TrainConfig
 from semckd_ray.data import eval_loader, load_dataset, train_loader
 from semckd_ray.distill import DistillContext, Distiller, create_method, get_method_class
@@ -203,6 +204,9 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         train_labels=splits.train.labels,
     )
     method = create_method(cfg.method.name, ctx, cfg.method.options).to(env.device, memory_format=memory_format)
+    # Methods with a layer attention (SemCKD) get it measured on the validation split every epoch.
+    attention_batches = (attention_loader(splits, cfg.optim.batch_size, **shard, **placement)
+                         if has_attention(method) else None)
     distiller = Distiller(student, method, gamma=cfg.method.gamma, alpha=cfg.method.alpha,
                           beta=cfg.beta(), kd_temperature=cfg.method.kd_temperature)
     optimizer = torch.optim.SGD(distiller.parameters(), lr=cfg.base_lr(), momentum=cfg.optim.momentum,
@@ -239,6 +243,10 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         seconds = time.perf_counter() - started
 
         val = evaluate(student, val_batches, env, amp)
+        attention = None
+        if attention_batches is not None:
+            with _autocast(env.device, amp):
+                attention = mean_attention(student, method, teacher, attention_batches)
         improved = bool(val) and val["top1"] > state.best_val_top1
         last = epoch == cfg.optim.epochs
         if improved:
@@ -253,6 +261,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             "images_per_s": train_metrics.pop("images") / seconds,
             **{f"train_{k}": v for k, v in train_metrics.items()},
             **{f"val_{k}": v for k, v in val.items()},
+            **attention_metrics(attention),
             "best_val_top1": state.best_val_top1 if val else math.nan,
         }
         if last:
@@ -288,6 +297,8 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
                 checkpoint_dir = tmp
             if tracker is not None:
                 tracker.epoch(metrics, epoch)
+                if save and attention is not None:
+                    tracker.attention(attention, epoch, title=f"{cfg.teacher.model} -> {cfg.student.model}")
                 if last:
                     tracker.final(cfg, distiller, best_weights)
             reporter.report(metrics, checkpoint_dir)
@@ -419,6 +430,13 @@ class _Tracker:
     def epoch(self, metrics: dict[str, float], epoch: int) -> None:
         if epoch > self.logged_up_to:
             self.logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+
+    def attention(self, attention: Tensor, epoch: int, title: str) -> None:
+        from semckd_ray.attention import plot_attention
+
+        path = plot_attention(attention, self.folder / "attention" / f"epoch_{epoch:03d}.png",
+                              epoch=epoch, title=title)
+        self.logger.log_artifact(path, "attention")
 
     def final(self, cfg: TrainConfig, distiller, best_weights) -> None:
         from semckd_ray.tracking import sha256_file

@@ -44,7 +44,9 @@ class Split:
         if self.images.dtype != torch.uint8 or tuple(self.images.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(f"images must be uint8 [N, 3, 32, 32], got {self.images.dtype} {list(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(f"labels must be int64 [{len(self.images)}], got {self.labels.dtype} {list(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 [{len(self.images)}], got {self.labels.dtype} {list(self.labels.shape)}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -290,6 +292,7 @@ def load_dataset(
         raise UserError(f"data.val_size must be an integer in [0, {len(train)}) for {name}, got {val_size!r}")
     train, val = _hold_out(train, val_size, seed)
     log.info("%s: %d train / %d val / %d test images", name, len(train), len(val), len(loaded.test))
+    num_classes = len(loaded.class_names)
     return DatasetSplits(
-        name, train, val, loaded.test, len(loaded.class_names), tuple(loaded.mean), tuple(loaded.std), loaded.class_names
+        name, train, val, loaded.test, num_classes, tuple(loaded.mean), tuple(loaded.std), loaded.class_names
     )

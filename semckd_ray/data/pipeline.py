@@ -141,7 +141,7 @@ class BatchLoader:
         self._images = split.images.to(data_device)
         self._labels = split.labels.to(data_device)
         self._pin = pin_memory and not self._data_on_device and self.device.type == "cuda"
-        # (x / 255 - mean) / std as one multiply-add on the uint8 values.
+        # (x / 255 - mean) / std as one multiply and one add.
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
@@ -184,7 +184,8 @@ class BatchLoader:
         used = len(self) * self.batch_size
         indices = self.epoch_indices()[:used]
         if self.augment:
-            offsets, flips = sample_crop_flip(len(indices), _generator(self.seed, self.epoch, self.rank, _AUGMENT_STREAM))
+            generator = _generator(self.seed, self.epoch, self.rank, _AUGMENT_STREAM)
+            offsets, flips = sample_crop_flip(len(indices), generator)
             offsets, flips = offsets.to(self.device), flips.to(self.device)
         indices = indices.to(self._images.device)
         for start in range(0, len(indices), self.batch_size):

@@ -104,7 +104,7 @@ class CRD(DistillMethod):
                 raise UserError(f"crd option nce_t must be a number > 0, got {self.nce_t!r}")
             m = self.nce_m
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-                raise UserError(f"crd option nce_m must be a number in [0, 1), got {self.nce_m!r}")
+                raise UserError(f"crd option nce_m must be a number in [0, 1), got {m!r}")
 
     def __init__(self, ctx: DistillContext, options: Options | None = None):
         super().__init__(ctx, options)
@@ -144,6 +144,7 @@ class CRD(DistillMethod):
     def forward(self, out_s, out_t, target, index=None):
         if index is None:
             raise ValueError("crd needs the dataset indices of the batch (index=...)")
+        index = index.long()  # index_copy_ and gather take int64 only
         v_s = self.embed_s(out_s[1][-1])
         v_t = self.embed_t(out_t[1][-1])
         contrast_idx = self._contrast_indices(index)

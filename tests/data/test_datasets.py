@@ -117,7 +117,10 @@ def test_default_cifar_val_split_is_5000_images(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "folder", "archive"),
-    [("cifar100", "cifar-100-python", "cifar-100-python.tar.gz"), ("cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz")],
+    [
+        ("cifar100", "cifar-100-python", "cifar-100-python.tar.gz"),
+        ("cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+    ],
 )
 def test_missing_cifar_offline_says_how_to_provide_it(tmp_path, name, folder, archive):
     with pytest.raises(UserError) as info:

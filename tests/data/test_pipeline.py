@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semckd_ray.data import BatchLoader, DatasetSplits, Split, eval_loader, random_crop_flip, sample_crop_flip, train_loader
+from semckd_ray.data import (
+    BatchLoader,
+    DatasetSplits,
+    Split,
+    eval_loader,
+    random_crop_flip,
+    sample_crop_flip,
+    train_loader,
+)
 
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
@@ -148,7 +156,8 @@ def test_channels_last_changes_the_memory_format_not_the_values():
     split = random_split(20)
     plain = next(iter(BatchLoader(split, MEAN, STD, 8, augment=True, seed=2)))[0]
     cl = next(iter(BatchLoader(split, MEAN, STD, 8, augment=True, seed=2, channels_last=True)))[0]
-    assert cl.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(cl, plain)
 
 
