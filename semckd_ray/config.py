@@ -157,6 +157,17 @@ class TrainConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _method_fits_batch(self) -> TrainConfig:
+        from semckd_ray.distill import get_method_class, make_options
+
+        cls = get_method_class(self.method.name)
+        try:
+            cls.check_batch_size(make_options(self.method.name, self.method.options), self.optim.batch_size)
+        except UserError as exc:
+            raise ValueError(f"method.options / optim.batch_size: {exc}") from None
+        return self
+
     def base_lr(self) -> float:
         if self.optim.lr is not None:
             return self.optim.lr

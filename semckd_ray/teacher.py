@@ -126,7 +126,11 @@ def ensure_teacher(cfg: TrainConfig) -> TrainConfig:
             f"teacher.train {cfg.teacher.train!r} trains on {teacher_cfg.data.dataset!r}, "
             f"but this experiment uses data.dataset={cfg.data.dataset!r}"
         )
+    # The teacher trains where the student does: same tracking store, the same (shared) checkpoint
+    # storage, which a multi-node cluster requires, and the same copy of the dataset.
     teacher_cfg.tracking.uri = cfg.tracking.uri
+    teacher_cfg.tracking.storage_path = cfg.tracking.storage_path
+    teacher_cfg.data.root = cfg.data.root
     run_id = find_finished_run(teacher_cfg, config_digest(teacher_cfg))
     if run_id is None:
         print(f"[semckd-ray] training the teacher {cfg.teacher.model} first ({cfg.teacher.train})", flush=True)

@@ -222,7 +222,8 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
 
     model = distiller
     if env.world_size > 1:
-        ddp_options = {"broadcast_buffers": False} if method_cls.syncs_own_buffers else {}
+        # CRD keeps its memory bank consistent itself; broadcasting it every step would cost ~50 MB.
+        ddp_options = {"forward_sync_buffers": False} if method_cls.syncs_own_buffers else {}
         model = nn.parallel.DistributedDataParallel(
             distiller, device_ids=[env.device.index] if env.device.type == "cuda" else None, **ddp_options
         )

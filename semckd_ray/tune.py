@@ -148,6 +148,12 @@ def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, p
     cfg = parse_train_config(trial_raw, config_dir=config_dir)
     trial_id = tune.get_context().get_trial_id()
     run_id = _trial_run(cfg, parent_run_id, trial_id, sampled)
+    run = tracking.client(cfg.tracking.uri).get_run(run_id)
+    if run.info.status == "FINISHED":
+        # Finished before the sweep's driver died, but Tune's saved state did not know yet:
+        # report the logged result instead of training again.
+        tune.report({**run.data.metrics, "epoch": int(run.data.metrics.get("epoch", cfg.optim.epochs))})
+        return
     if repeats == 1:
         fit(cfg, run_id=run_id, train_run_name=f"{sweep_name}-{trial_id}", callbacks=[TuneReportCallback()])
         return
@@ -191,7 +197,8 @@ def _trial_run(cfg: TrainConfig, parent_run_id: str, trial_id: str, sampled: dic
     )
     if existing:
         run_id = existing[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+        if existing[0].info.status != "FINISHED":
+            client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {"tune_trial_id": trial_id, **{f"searched.{k}": str(v) for k, v in sampled.items()}}
     return start_run(cfg, parent_run_id=parent_run_id, tags=tags)

@@ -78,6 +78,10 @@ class DistillMethod(nn.Module):
         self.ctx = ctx
         self.options = options if options is not None else self.Options()
 
+    @classmethod
+    def check_batch_size(cls, options: Any, batch_size: int) -> None:
+        """Raise a ``UserError`` if the options cannot work at this per-worker batch size."""
+
     def forward(
         self,
         out_s: ModelOutput,

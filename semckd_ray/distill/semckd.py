@@ -117,16 +117,20 @@ class SemCKD(DistillMethod):
             ):
                 raise UserError(f"semckd option proj_width must be an integer >= 1, got {self.proj_width!r}")
 
+    @classmethod
+    def check_batch_size(cls, options: Options, batch_size: int) -> None:
+        if batch_size // options.factor < 1:
+            raise UserError(
+                f"semckd: batch size {batch_size} // factor {options.factor} = 0, so the query/key "
+                f"embedding would be empty; use a factor <= {batch_size}"
+            )
+
     def __init__(self, ctx: DistillContext, options: Options | None = None):
         super().__init__(ctx, options)
         opts = self.options
         batch_size = ctx.batch_size
+        self.check_batch_size(opts, batch_size)
         embed_dim = batch_size // opts.factor
-        if embed_dim < 1:
-            raise UserError(
-                f"semckd: batch size {batch_size} // factor {opts.factor} = 0, so the query/key "
-                f"embedding would be empty; use a factor <= {batch_size}"
-            )
         s_channels = self._map_channels(ctx.student_shapes, "student")
         t_channels = self._map_channels(ctx.teacher_shapes, "teacher")
         self.batch_size = batch_size

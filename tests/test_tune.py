@@ -1,0 +1,131 @@
+"""The sweep: Optuna + ASHA over Ray Train trials, logged to MLflow, resumable after its driver dies."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from semckd_ray.config import read_yaml
+from semckd_ray.errors import UserError
+from semckd_ray.tracking import client
+from semckd_ray.tune import parse_search, sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "tune_configs" / "smoke.yaml"
+
+
+def smoke_raw(workdir, **optim):
+    raw = read_yaml(SMOKE)
+    raw["data"]["root"] = str(workdir / "data")
+    raw["optim"].update(optim)
+    return raw
+
+
+def children(mlflow, parent_run_id):
+    parent = mlflow.get_run(parent_run_id)
+    return mlflow.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_search_space_errors_name_the_key(tmp_path):
+    raw = read_yaml(SMOKE)
+    raw["search"]["space"]["method.beta"] = {"type": "loguniform", "low": 100.0, "high": 10.0}
+    with pytest.raises(UserError, match="search.space.method.beta.*inverted"):
+        parse_search(raw, SMOKE.parent)
+    raw["search"]["space"]["method.beta"] = {"type": "choice", "values": []}
+    with pytest.raises(UserError, match="non-empty"):
+        parse_search(raw, SMOKE.parent)
+    raw["search"]["space"] = {"method.options.factor": {"type": "choice", "values": [4, 64]}}
+    with pytest.raises(UserError, match="factor.*64"):
+        parse_search(raw, SMOKE.parent)  # 32 // 64 leaves an empty embedding
+    raw["search"]["space"] = {"optim.epohcs": {"type": "randint", "low": 1, "high": 3}}
+    with pytest.raises(UserError, match="optim.epohcs"):
+        parse_search(raw, SMOKE.parent)
+    raw["search"]["space"] = {}
+    with pytest.raises(UserError, match="empty"):
+        parse_search(raw, SMOKE.parent)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_is_logged_to_mlflow(ray_cluster, workdir):
+    raw = smoke_raw(workdir)
+    summary = sweep(raw, SMOKE.parent)
+    mlflow = client(summary["tracking_uri"])
+    parent = mlflow.get_run(summary["parent_run_id"])
+    assert parent.data.tags["role"] == "sweep"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.space.method.beta.low"] == "5.0"
+    runs = children(mlflow, summary["parent_run_id"])
+    assert len(runs) == 4
+    space = raw["search"]["space"]
+    for run in runs:
+        assert run.info.status in ("FINISHED", "KILLED")
+        beta = float(run.data.params["method.beta"])
+        assert space["method.beta"]["low"] <= beta <= space["method.beta"]["high"]
+        history = mlflow.get_metric_history(run.info.run_id, "val_top1")
+        assert [m.step for m in history] == list(range(1, len(history) + 1)) and history
+    best = max(runs, key=lambda r: r.data.metrics["best_val_top1"])
+    tagged = [r for r in runs if r.data.tags.get("best_trial") == "true"]
+    assert [r.info.run_id for r in tagged] == [best.info.run_id]
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+
+    local = Path(mlflow.download_artifacts(summary["parent_run_id"], "summary.json"))
+    rows = {row["run_id"]: row for row in json.loads(local.read_text())}
+    assert rows.keys() == {r.info.run_id for r in runs}
+    for run in runs:
+        row = rows[run.info.run_id]
+        assert math.isclose(row["best_val_top1"], run.data.metrics["best_val_top1"])
+        assert row["epochs"] == int(run.data.metrics["epoch"])
+        assert row["status"] in ("FINISHED", "STOPPED_EARLY")
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, workdir):
+    cfg_path = workdir / "sweep.yaml"
+    raw = smoke_raw(workdir)
+    raw["teacher"]["train"] = str(SMOKE.parent / raw["teacher"]["train"])
+    raw["search"]["scheduler"]["type"] = "none"  # every trial runs all its epochs
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "semckd_ray.tune", "--config", str(cfg_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(workdir / "first.log", "w")
+    first = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    mlflow = client(os.environ["MLFLOW_TRACKING_URI"])
+    deadline = time.monotonic() + 600
+    finished_before = set()
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            sweeps = mlflow.search_runs(mlflow.search_experiments()[0:0] or
+                                        [e.experiment_id for e in mlflow.search_experiments()],
+                                        filter_string="tags.role = 'sweep'")
+            if sweeps:
+                done = [r for r in children(mlflow, sweeps[0].info.run_id) if r.info.status == "FINISHED"]
+                if done:
+                    finished_before = {r.info.run_id for r in done}
+                    break
+            time.sleep(2)
+        assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
+        assert finished_before, "no trial finished in time"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    parent_run_id = sweeps[0].info.run_id
+    finished_epochs = {rid: len(mlflow.get_metric_history(rid, "epoch")) for rid in finished_before}
+
+    resumed = subprocess.run(command + ["--resume"], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    runs = children(mlflow, parent_run_id)
+    assert len(runs) == 4
+    assert len({r.data.tags["tune_trial_id"] for r in runs}) == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for rid, epochs in finished_epochs.items():  # finished trials were not trained again
+        assert len(mlflow.get_metric_history(rid, "epoch")) == epochs
+    assert mlflow.get_run(parent_run_id).info.status == "FINISHED"
