@@ -19,6 +19,7 @@ from semckd_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 RAY_RESULTS_DIR = "ray_results"
+WORKER_START_TIMEOUT_S = 600
 
 
 @dataclass
@@ -37,19 +38,31 @@ class TrainResult:
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), else start one here.
 
-    A local cluster binds to 127.0.0.1 so that nothing is exposed beyond this machine.
+    A cluster started here is Ray's single-machine mode: every Ray server listens on 127.0.0.1
+    only, so nothing is exposed beyond this machine.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Read by Ray when it is imported and by the servers it starts: set it first.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # The dashboard serves the State API that Ray Train's controller polls (and users watch).
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        return
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():
+        log.warning(
+            "another Ray instance runs on this machine; Ray Train cannot tell two local clusters "
+            "apart when it cleans up after a stopped trial. Prefer one cluster: start it with "
+            "'ray start --head' and set RAY_ADDRESS to join it."
+        )
+    # The dashboard serves the State API that Ray Train's controller polls (and users watch).
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True)
 
 
 def cluster_capacity() -> dict[str, float]:
@@ -139,7 +152,7 @@ def start_run(cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[
     if parent_run_id:
         run_tags[tracking.PARENT_RUN_TAG] = parent_run_id
     run_name = cfg.tracking.run_name or f"{cfg.name}-{cfg.method.name}-{cfg.student.model}"
-    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tracking.redact(run_tags))
     logger = tracking.RunLogger(cfg.tracking.uri, run.info.run_id)
     params = flatten(cfg.model_dump(mode="json"))
     params["method.beta_effective"] = cfg.beta()
@@ -156,7 +169,7 @@ def _log_config_file(logger: tracking.RunLogger, cfg: TrainConfig) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        path.write_text(yaml.safe_dump(tracking.redact(cfg.model_dump(mode="json")), sort_keys=False))
         logger.log_artifact(path)
 
 
@@ -208,7 +221,6 @@ def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbac
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": cfg.tracking.uri}},
             # Our own per-epoch progress lines say what matters; Ray's per-report lines repeat them.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
@@ -218,6 +230,10 @@ def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbac
 def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, callbacks: list | None = None) -> TrainResult:
     """Run one training that logs into the MLflow run ``run_id`` and close that run."""
     mlflow_client = tracking.client(cfg.tracking.uri)
+    # Ray's default of 60 s for a worker group to start is too short on a small, busy machine,
+    # where importing torch in a fresh worker alone can take that long. Ray Train forwards this
+    # variable from here to its controller.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
     trainer = build_trainer(cfg, run_id, train_run_name=train_run_name or f"{cfg.name}-{run_id}", callbacks=callbacks)
     try:
         result = trainer.fit()
@@ -252,7 +268,7 @@ def register_model(cfg: TrainConfig, run_id: str) -> str | None:
 def _terminate(mlflow_client, run_id: str, status: str, reason: str | None = None) -> None:
     try:
         if reason:
-            mlflow_client.set_tag(run_id, "failure_reason", reason[:5000])
+            mlflow_client.set_tag(run_id, "failure_reason", tracking.redact(reason)[:5000])
         mlflow_client.set_terminated(run_id, status=status)
     except Exception as exc:  # tracking down at the very end: the training result still stands
         log.warning("could not mark MLflow run %s as %s: %s", run_id, status, exc)

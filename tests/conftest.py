@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+# Every Ray cluster the tests start is Ray's single-machine mode (servers on 127.0.0.1 only), and
+# a client must be in that mode too, from before Ray is first imported, to reach it.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+from servers import free_port  # noqa: F401  (re-exported for the tests)
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 def golden_dir() -> Path:
     """``$SEMCKD_GOLDEN_DIR``, else the ``shared/golden`` folder next to the repository."""
@@ -31,23 +39,32 @@ def golden_files(pattern: str) -> list:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One local Ray cluster for the whole session, on 127.0.0.1; subprocesses attach through RAY_ADDRESS."""
-    import ray
+def ray_cluster():
+    """One Ray head node for the session, on 127.0.0.1; this process and subprocesses join it."""
+    import shutil
+    import tempfile
 
-    if not ray.is_initialized():
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
-            log_to_driver=True,
-        )
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    yield ray
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.shutdown()
+    from servers import start_ray_head, stop_marked
+
+    # A short path: Ray's Unix sockets live under the temp dir, and a socket path has ~107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="srh", dir="/tmp"))
+    saved = dict(os.environ)
+    try:
+        head = start_ray_head(root)
+        for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+            os.environ[key] = head.env[key]
+        import ray  # after the environment names this cluster's token
+
+        ray.init(address=head.address, log_to_driver=True)
+        yield head
+    finally:
+        import ray
+
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        stop_marked(str(root))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -56,14 +73,3 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,162 @@
+"""Real servers for the tests, all on 127.0.0.1: a Ray head node and an MLflow server.
+
+Each is started as a user would (``ray start --head``, ``mlflow server``) and every process it
+spawns carries a marker in its environment, so that teardown stops exactly those processes and
+nothing else (``ray stop`` would stop every Ray instance on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # ray, mlflow and the python that runs jobs
+START_TIMEOUT_S = 300  # start-ups on 2 loaded cores; every wait is bounded
+MARKER = "SEMCKD_TEST_SERVER"
+
+
+class StartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(ready, timeout_s: float, what: str, diagnose=lambda: "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(1.0)
+    raise StartError(f"{what} not ready after {timeout_s:.0f} s\n{diagnose()}")
+
+
+def marked_pids(value: str) -> list[int]:
+    """The processes whose environment carries ``MARKER=value``."""
+    needle = f"{MARKER}={value}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def stop_marked(value: str, grace_s: float = 15.0) -> None:
+    """SIGTERM every marked process, SIGKILL what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in marked_pids(value):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while marked_pids(value) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not marked_pids(value):
+            return
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} unreadable)"
+
+
+def http_status(url: str, timeout_s: float = 10.0) -> int:
+    """The HTTP status of a GET of ``url``; 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def base_env(root: Path) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MARKER: str(root)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@dataclass
+class RayHead:
+    address: str  # GCS address, what RAY_ADDRESS names
+    dashboard_url: str  # where `ray job submit --address` points
+    env: dict[str, str]  # what a client of this cluster needs: its address and token
+
+    def ray(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout_s)
+
+    def token(self) -> str:
+        return Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+
+
+def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
+    """``ray start --head`` on 127.0.0.1 with token authentication and a token of its own."""
+    token = root / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {
+        **base_env(root),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        # Inherited by every Ray process: Ray Train's placement-group cleaner looks its cluster up
+        # by this address and, without it, fails (and leaks the group) when other Ray instances
+        # run on the machine.
+        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+        # Ray's single-machine mode: every Ray server listens on 127.0.0.1 only.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    started = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+         "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(root / "ray")],
+        env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S,
+    )
+    if started.returncode != 0:
+        raise StartError(f"ray start failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
+    return RayHead(address=env["RAY_ADDRESS"], dashboard_url=f"http://127.0.0.1:{dashboard_port}", env=env)
+
+
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` with a SQLite store in ``root``, proxying artifacts; returns (process, url)."""
+    port = port or free_port()
+    log_path = root / f"mlflow_server_{port}.log"
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"],
+            env={**base_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_status(f"{url}/health") == 200 or process.poll() is not None,
+               START_TIMEOUT_S, "mlflow server", lambda: tail(log_path))
+    if process.poll() is not None:
+        raise StartError(f"mlflow server exited with {process.returncode}:\n{tail(log_path)}")
+    return process, url
