@@ -16,6 +16,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +37,57 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 def load_avg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all cores have spent busy since boot (``/proc/stat``), or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class CpuMonitor:
+    """How many cores *other* processes kept busy between ``start()`` and ``stop()``.
+
+    The machine is shared: a measurement during which other processes used a core or more is
+    not comparable with one taken on an idle machine. ``stop()`` returns ``foreign_cores`` (the
+    average number of cores busy with other processes; 0 = we had the machine to ourselves) and
+    ``own_cores`` (this process and its waited-for children).
+    """
+
+    def start(self) -> "CpuMonitor":
+        self._wall, self._busy, self._own = time.perf_counter(), _busy_seconds(), _own_seconds()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._wall
+        busy, own = _busy_seconds(), _own_seconds() - self._own
+        if busy is None or self._busy is None or wall <= 0:
+            return {}
+        foreign = max(0.0, (busy - self._busy) - own)
+        return {"foreign_cores": round(foreign / wall, 3), "own_cores": round(own / wall, 3)}
+
+
+def wait_for_idle(max_foreign_cores: float, timeout_s: float, probe_s: float = 2.0) -> float:
+    """Wait (up to ``timeout_s``) until other processes use fewer than ``max_foreign_cores`` cores.
+
+    Returns the last probe's foreign load. ``max_foreign_cores <= 0`` does not wait.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        monitor = CpuMonitor().start()
+        time.sleep(probe_s)
+        foreign = monitor.stop().get("foreign_cores", 0.0)
+        if max_foreign_cores <= 0 or foreign < max_foreign_cores or time.monotonic() > deadline:
+            return foreign
 
 
 def cpu_model() -> str:

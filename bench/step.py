@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import load_avg, machine, save_result, summary  # noqa: E402
+from bench.common import CpuMonitor, load_avg, machine, save_result, summary  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -94,6 +94,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     step = build(args, device)
+    rss_after_build = peak_rss_mb()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device, memory_format=memory_format)
@@ -104,9 +105,10 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times, first_losses = [], None
+    times, foreign, first_losses = [], [], None
     for it in range(args.warmup + args.iters):
         sync()
+        monitor = CpuMonitor().start()
         started = time.perf_counter()
         losses = step(x, y, index)
         sync()
@@ -115,6 +117,7 @@ def run(args) -> dict:
             first_losses = losses
         if it >= args.warmup:
             times.append(elapsed * 1e3)
+            foreign.append(monitor.stop().get("foreign_cores", float("nan")))
     ms = summary(times)
     result = {
         "config": {k: getattr(args, k) for k in ("teacher", "student", "method", "batch", "dtype", "channels_last",
@@ -124,6 +127,9 @@ def run(args) -> dict:
         "ms_per_iter_median": ms["median"],
         "images_per_s": args.batch * 1e3 / ms["median"],
         "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_before_first_step_mb": rss_after_build,
+        "ms_all": times,
+        "foreign_cores_all": foreign,  # cores other processes kept busy during each timed iteration
         "first_losses": first_losses,
         "load_avg_end": load_avg(),
         "torch_threads": torch.get_num_threads(),
@@ -172,7 +178,8 @@ def main() -> None:
     ms = result["ms_per_iter"]
     print(f"  {ms['median']:.1f} ms/iter (min {ms['min']:.1f}, max {ms['max']:.1f}, n={ms['n']}), "
           f"{result['images_per_s']:.1f} img/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
-          f"first loss {result['first_losses']['total']:.6g}, load avg {load_start} -> {result['load_avg_end']}")
+          f"first loss {result['first_losses']['total']:.6g}, load avg {load_start} -> {result['load_avg_end']}, "
+          f"other processes' cores per iteration {result['foreign_cores_all']}")
     print(f"  saved {save_result('step', result)}")
 
 

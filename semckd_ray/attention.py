@@ -108,7 +108,7 @@ def plot_attention(attention: Tensor, path: str | Path, *, epoch: int, title: st
     ax.set_yticks(range(s), [f"s{i}" for i in range(s)])
     ax.set_xlabel("teacher layer")
     ax.set_ylabel("student layer")
-    ax.set_title(f"{title + ': ' if title else ''}validation attention, epoch {epoch}", fontsize=10)
+    ax.set_title(f"{title + chr(10) if title else ''}validation attention, epoch {epoch}", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)

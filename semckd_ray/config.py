@@ -22,7 +22,16 @@ SMALL_LR_MODELS = frozenset({"MobileNetV2", "ShuffleV1", "ShuffleV2"})
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Non-finite numbers (YAML .inf/.nan) are never a meaningful setting: refused like any bad value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # A NUL byte makes every path operation fail (names and paths alike end up as paths).
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
 
 
 class DataConfig(_Section):
@@ -215,7 +224,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set takes dotted.key=value, got {item!r}")
-        set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or exc
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({problem}); "
+                            "quote a string value, e.g. --set 'name=\"a: b\"'") from None
+        set_dotted(raw, key.strip(), parsed)
     return raw
 
 

@@ -31,7 +31,11 @@ def resolve_teacher_file(checkpoint: str, tracking_uri: str | None) -> str:
 def load_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device,
                  tracking_uri: str | None = None) -> nn.Module:
     model = create_model(cfg.model, num_classes=num_classes)
-    load_checkpoint(model, resolve_teacher_file(cfg.checkpoint, tracking_uri))
+    path = resolve_teacher_file(cfg.checkpoint, tracking_uri)
+    try:
+        load_checkpoint(model, path)
+    except UserError as exc:
+        raise UserError(f"teacher.checkpoint (for teacher.model={cfg.model!r}): {exc}") from None
     return model.to(device)
 
 

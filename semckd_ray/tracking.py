@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -111,14 +112,34 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop any value that equals a secret from the environment (a credential pasted into a config)."""
-    secrets = {
-        value
-        for name, value in os.environ.items()
-        if len(value) >= 8 and any(marker in name.upper() for marker in SECRET_MARKERS)
-    }
-    return {k: ("<redacted>" if str(v) in secrets else v) for k, v in params.items()}
+def redact(value: Any) -> Any:
+    """``value`` (a string, or dicts and lists of them) with no credential left in it.
+
+    The userinfo of every URL (``https://user:password@host`` -> ``https://host``) is stripped, and
+    any secret from the environment (a credential pasted into a config) becomes ``<redacted>``.
+    """
+    secrets = sorted(
+        {value for name, value in os.environ.items()
+         if len(value) >= 8 and any(marker in name.upper() for marker in SECRET_MARKERS)},
+        key=len, reverse=True,
+    )
+    return _redact(value, secrets)
+
+
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
+
+
+def _redact(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v, secrets) for v in value]
+    if not isinstance(value, str):
+        return "<redacted>" if str(value) in secrets else value
+    text = _URL_USERINFO.sub(r"\1", value)
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>")
+    return text
 
 
 def params_for_mlflow(flat: dict[str, Any]) -> dict[str, str]:

@@ -60,9 +60,15 @@ def ensure_ray(address: str | None = None) -> None:
             "apart when it cleans up after a stopped trial. Prefer one cluster: start it with "
             "'ray start --head' and set RAY_ADDRESS to join it."
         )
-    # The dashboard serves the State API that Ray Train's controller polls (and users watch).
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+    from ray._private import ray_constants
+
+    # Ray read the variable when it was first imported, which may have been before it was set
+    # here (semckd_ray.tune imports Ray first): read it again.
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, True)
+    # "local": a new instance, never one that `ray start` left running here, which ray.init would
+    # join. The dashboard serves the State API that Ray Train's controller polls (and users watch).
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def cluster_capacity() -> dict[str, float]:
@@ -279,7 +285,8 @@ def config_digest(cfg: TrainConfig) -> str:
     import hashlib
     import json
 
-    content = cfg.model_dump(mode="json", exclude={"tracking"})
+    # Where things are stored (tracking, the dataset's folder) does not change what is computed.
+    content = cfg.model_dump(mode="json", exclude={"tracking": True, "data": {"root", "download"}})
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

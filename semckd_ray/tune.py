@@ -201,6 +201,8 @@ def _trial_run(cfg: TrainConfig, parent_run_id: str, trial_id: str, sampled: dic
             client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {"tune_trial_id": trial_id, **{f"searched.{k}": str(v) for k, v in sampled.items()}}
+    cfg = cfg.model_copy(deep=True)
+    cfg.tracking.run_name = f"{cfg.name}-{trial_id}"
     return start_run(cfg, parent_run_id=parent_run_id, tags=tags)
 
 
@@ -308,7 +310,7 @@ def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw:
         import yaml
 
         path = Path(tmp) / "experiment.yaml"
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        path.write_text(yaml.safe_dump(tracking.redact(raw), sort_keys=False))
         logger.log_artifact(path)
     return run.info.run_id
 
@@ -339,10 +341,12 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
         metrics = run.data.metrics
         epochs = int(metrics.get("epoch", 0))
         status = run.info.status
-        if status == "RUNNING":
-            # Tune ended the trial's process before fit() could close the run: ASHA stopped it
-            # early, or at max_t, which is the last epoch. Never leave a run RUNNING.
-            if run.data.tags.get("tune_trial_id") in errored:
+        tune_errored = run.data.tags.get("tune_trial_id") in errored
+        diverged = "stopped_reason" in run.data.tags
+        if status == "RUNNING" or (status == "FAILED" and not tune_errored and not diverged):
+            # Tune ended the trial's process before or while fit() closed the run: ASHA stopped
+            # it early, or at max_t, the last epoch. Such a run neither failed nor keeps running.
+            if tune_errored:
                 status = "FAILED"
             elif epochs >= base.optim.epochs:
                 status = "FINISHED"

@@ -141,39 +141,46 @@ class _FixedAttention(nn.Module):
         return {}
 
 
-def _rank_main(rank: int, world: int, port: int, num_val: int, queue) -> None:
+# Validation sizes: with 3 images rank 1 has no full batch of 2, with 9 both ranks have two.
+NUM_VALS = (3, 9)
+
+
+def _rank_main(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         identity = nn.Identity()
-        loader = attention_loader(_splits(num_val), 2, rank=rank, world_size=world)
-        result = mean_attention(identity, _FixedAttention(), identity, loader)
-        queue.put((rank, result))
+        for num_val in NUM_VALS:
+            loader = attention_loader(_splits(num_val), 2, rank=rank, world_size=world)
+            result = mean_attention(identity, _FixedAttention(), identity, loader)
+            # A list, not a tensor: torch shares tensors through the sender's file descriptors, gone at its exit.
+            queue.put((rank, num_val, result.tolist()))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("num_val", [3, 9], ids=["rank1-has-no-full-batch", "both-ranks-have-two"])
-def test_ranks_average_every_full_batch_once(num_val):
+def test_ranks_average_every_full_batch_once():
     world = 2
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, num_val, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = {(r, n): torch.tensor(a, dtype=torch.float64)
+               for r, n, a in (queue.get(timeout=120) for _ in range(world * len(NUM_VALS)))}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    # Rank r reads indices r, r + 2, ... of the split; batches of 2, remainders dropped.
-    used = []
-    for r in range(world):
-        shard = list(range(r, num_val, world))
-        used += shard[: len(shard) // 2 * 2]
-    expected = _FixedAttention()
-    expected.forward(None, None, None, torch.tensor(used))
-    for r in range(world):
-        torch.testing.assert_close(results[r], expected.last_attention.mean(0))
+    for num_val in NUM_VALS:
+        # Rank r reads indices r, r + 2, ... of the split, in batches of 2; remainders are dropped.
+        used = []
+        for r in range(world):
+            shard = list(range(r, num_val, world))
+            used += shard[: len(shard) // 2 * 2]
+        expected = _FixedAttention()
+        expected.forward(None, None, None, torch.tensor(used))
+        for r in range(world):
+            torch.testing.assert_close(results[r, num_val], expected.last_attention.mean(0))

@@ -129,3 +129,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
     for rid, epochs in finished_epochs.items():  # finished trials were not trained again
         assert len(mlflow.get_metric_history(rid, "epoch")) == epochs
     assert mlflow.get_run(parent_run_id).info.status == "FINISHED"
+    everything = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()])
+    assert [r.info.run_id for r in everything if r.data.tags.get("role") == "sweep"] == [parent_run_id]
+    assert len([r for r in everything if r.data.tags.get("role") == "teacher"]) == 1  # reused, not retrained
+    assert [r.info.run_id for r in everything if r.info.status == "RUNNING"] == []

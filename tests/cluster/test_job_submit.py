@@ -1,0 +1,70 @@
+"""The smoke sweep submitted to a Ray head node with ``ray job submit`` logs everything to an MLflow server.
+
+Checked through the server's REST API, as any client elsewhere would see it: the sweep's parent
+run with its summary, one child run per trial with per-epoch metrics, the best trial tagged, and
+the checkpoints uploaded through the server's artifact proxy.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_server, sweep_job):
+    config, epochs = sweep_job.config, sweep_job.epochs
+
+    def artifacts(run_id: str, **path) -> set[str]:
+        return {f["path"] for f in mlflow_server.api("artifacts/list", run_id=run_id, **path).get("files", [])}
+
+    def steps(run_id: str, key: str) -> list[int]:
+        history = mlflow_server.api("metrics/get-history", run_id=run_id, metric_key=key, max_results=1000)
+        return sorted(int(m.get("step", 0)) for m in history.get("metrics", []))
+
+    experiment = mlflow_server.api("experiments/get-by-name",
+                                    experiment_name=config["tracking"]["experiment"])["experiment"]
+    eid = experiment["experiment_id"]
+    # Artifacts go through the server (mlflow-artifacts:/), not to a path only this machine has.
+    assert experiment["artifact_location"].startswith("mlflow-artifacts:")
+
+    parents = mlflow_server.search_runs(eid, "tags.role = 'sweep'")
+    assert len(parents) == 1, [p["info"]["run_name"] for p in parents]
+    parent = parents[0]
+    parent_id = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED"
+    assert parent["info"]["run_name"] in sweep_job.output  # the job printed the sweep it ran
+    assert tags(parent)["git_commit"] == sweep_job.git_commit  # runtime_env env_vars reached the driver
+    assert {"summary.csv", "summary.json"} <= artifacts(parent_id)
+
+    children = mlflow_server.search_runs(eid, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == config["search"]["num_samples"]
+    for child in children:
+        run_id = child["info"]["run_id"]
+        # Closed, whatever ASHA did to the trial: never left RUNNING.
+        assert child["info"]["status"] != "RUNNING", child["info"]
+        assert tags(child)["tune_trial_id"]
+        logged = steps(run_id, "val_top1")
+        assert logged == list(range(1, len(logged) + 1)) and 1 <= len(logged) <= epochs, (run_id, logged)
+        assert steps(run_id, "train_semckd") == logged
+
+    best = [c for c in children if tags(c).get("best_trial") == "true"]
+    assert len(best) == 1
+    best_id = best[0]["info"]["run_id"]
+    assert tags(parent)["best_run_id"] == best_id
+    assert steps(best_id, "val_top1") == list(range(1, epochs + 1))
+    assert {"checkpoints/best_model.pt", "checkpoints/last.pt"} <= artifacts(best_id, path="checkpoints")
+
+    # The teacher the sweep distils from was trained by the same job, into the same server.
+    teachers = mlflow_server.search_runs(eid, "tags.role = 'teacher'")
+    assert [t["info"]["status"] for t in teachers] == ["FINISHED"]
+    teacher_id = teachers[0]["info"]["run_id"]
+    assert "checkpoints/best_model.pt" in artifacts(teacher_id, path="checkpoints")
+
+    # Ray kept every training's checkpoints, the teacher's too, where tracking.storage_path points.
+    assert list(sweep_job.storage_path.glob(f"{parent['info']['run_name']}-*/epoch_*"))
+    assert list(sweep_job.storage_path.glob(f"*-{teacher_id}/epoch_*"))
