@@ -165,7 +165,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     cfg = TrainConfig.model_validate(train_config)
     env = WorkerEnv.detect(cfg.scaling.use_gpu)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    amp = cfg.scaling.amp_enabled()
+    amp = cfg.scaling.bf16
     channels_last = cfg.scaling.channels_last_enabled()
     method_cls = get_method_class(cfg.method.name)
 
