@@ -1,4 +1,4 @@
-"""Helpers shared by the test suite: where the golden vectors of the official code live."""
+"""Fixtures shared by the test suite: one Ray head for the session, a clean working directory."""
 
 from __future__ import annotations
 
@@ -10,33 +10,6 @@ import pytest
 # Every Ray cluster the tests start is Ray's single-machine mode (servers on 127.0.0.1 only), and
 # a client must be in that mode too, from before Ray is first imported, to reach it.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-
-from servers import free_port  # noqa: F401  (re-exported for the tests)
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def golden_dir() -> Path:
-    """``$SEMCKD_GOLDEN_DIR``, else the ``shared/golden`` folder next to the repository."""
-    env = os.environ.get("SEMCKD_GOLDEN_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-
-
-def golden_files(pattern: str) -> list:
-    """One ``pytest.param`` per golden file matching ``pattern``, for ``@pytest.mark.parametrize``.
-
-    Looping over whatever the directory holds means a new vector file is checked without code
-    changes; when there is nothing to check, a single skipped param says why.
-    """
-    directory = golden_dir()
-    if not directory.is_dir():
-        reason = f"golden directory {directory} not found (set SEMCKD_GOLDEN_DIR)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
-    files = sorted(directory.glob(pattern))
-    if not files:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {pattern} in {directory}"))]
-    return [pytest.param(path, id=path.name) for path in files]
-
 
 @pytest.fixture(scope="session")
 def ray_cluster():

@@ -8,18 +8,16 @@ SP loss, the KD loss and the gradients of their sum), a file holding ``logits_s`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from paths import golden_dir, relative_error
 from semckd_ray.distill import DistillContext, create_method, kd_loss
 from semckd_ray.distill.at import at_loss
 
-GOLDEN_DIR = Path(
-    os.environ.get("SEMCKD_GOLDEN_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "golden")
-)
+GOLDEN_DIR = golden_dir()
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
@@ -37,11 +35,6 @@ def _kind(data: dict) -> str | None:
 
 VECTORS = {p: kind for p in sorted(GOLDEN_DIR.glob("*.pt")) if (kind := _kind(_load(p))) is not None}
 needs_golden = pytest.mark.skipif(not VECTORS, reason=f"no baseline or KD golden vectors in {GOLDEN_DIR}")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
 
 
 def _flatten(values: dict) -> dict[str, torch.Tensor]:

@@ -7,12 +7,12 @@ Every ``*.pt`` in ``$SEMCKD_GOLDEN_DIR`` (default ``<repo>/../shared/golden``) t
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from paths import golden_dir, relative_error
 from semckd_ray.distill import DistillContext, create_method
 from semckd_ray.distill.official import (
     load_official_semckd_state,
@@ -20,9 +20,7 @@ from semckd_ray.distill.official import (
     official_names,
 )
 
-GOLDEN_DIR = Path(
-    os.environ.get("SEMCKD_GOLDEN_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "golden")
-)
+GOLDEN_DIR = golden_dir()
 TOLERANCE = {"float64": 1e-9, "float32": 1e-5}
 
 
@@ -35,12 +33,6 @@ def _config(path: Path) -> dict | None:
 CONFIGS = {p: c for p in sorted(GOLDEN_DIR.glob("*.pt")) if (c := _config(p)) is not None}
 VECTORS = list(CONFIGS)
 needs_golden = pytest.mark.skipif(not VECTORS, reason=f"no SemCKD golden vectors in {GOLDEN_DIR}")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    scale = max(expected.abs().max().item(), 1e-30)
-    return (actual - expected).abs().max().item() / scale
 
 
 def assert_all_close(actual: dict, expected: dict, tol: float) -> dict[str, float]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import golden_dir, golden_files
+from paths import golden_dir, golden_files
 
 from semckd_ray.errors import UserError
 from semckd_ray.models import CifarModel, FeatureInfo, create_model, list_models, load_checkpoint
