@@ -28,6 +28,15 @@ def resolve_teacher_file(checkpoint: str, tracking_uri: str | None) -> str:
     return _download_run_checkpoint(run_id, artifact or None, tracking_uri, checkpoint)
 
 
+def teacher_run_id(checkpoint: str, tracking_uri: str | None) -> str | None:
+    """The MLflow run a ``runs:/`` or ``models:/`` teacher comes from (None for a local file)."""
+    if checkpoint.startswith("runs:/"):
+        return checkpoint[len("runs:/"):].partition("/")[0]
+    if checkpoint.startswith("models:/"):
+        return _registered_model_source(checkpoint, tracking_uri)[0]
+    return None
+
+
 def load_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device,
                  tracking_uri: str | None = None) -> nn.Module:
     model = create_model(cfg.model, num_classes=num_classes)

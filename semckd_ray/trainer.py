@@ -155,6 +155,10 @@ def start_run(cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[
         "config_sha256": config_digest(cfg),
         **(tags or {}),
     }
+    if cfg.teacher is not None:
+        from semckd_ray.teacher import teacher_run_id
+
+        run_tags["teacher_run_id"] = teacher_run_id(cfg.teacher.checkpoint, cfg.tracking.uri) or ""
     if parent_run_id:
         run_tags[tracking.PARENT_RUN_TAG] = parent_run_id
     run_name = cfg.tracking.run_name or f"{cfg.name}-{cfg.method.name}-{cfg.student.model}"
@@ -183,10 +187,11 @@ def _log_config_file(logger: tracking.RunLogger, cfg: TrainConfig) -> None:
 # The TorchTrainer
 
 
-def _ray_worker_entry(config: dict[str, Any]) -> None:
+def _ray_worker_entry(config: dict[str, Any]) -> dict[str, float]:
     from semckd_ray.train_loop import run_worker
 
-    run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"])
+    # Rank 0's final metrics come back as the Result's return_value.
+    return run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"])
 
 
 class RayReporter:
@@ -247,7 +252,9 @@ def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, cal
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         _terminate(mlflow_client, run_id, status, reason=f"{type(exc).__name__}: {exc}")
         raise
-    metrics = dict(result.metrics or {})
+    # The last epoch's metrics: Result.metrics are those of the latest checkpoint, and the epoch
+    # a diverged run stops in has none.
+    metrics = dict(result.return_value or result.metrics or {})
     if metrics.get("diverged"):
         _terminate(mlflow_client, run_id, "FAILED", reason=f"training loss diverged in epoch {metrics.get('epoch')}")
     else:

@@ -18,10 +18,13 @@ def test_teacher_then_semckd_student_on_two_workers(ray_cluster, workdir):
     }
     from semckd_ray.trainer import train
 
-    teacher = train(parse_train_config({**common, "name": "t", "student": {"model": "resnet14"}, "method": {"name": "vanilla"}}))
+    teacher_tracking = {**common["tracking"], "register_model": "digits-resnet14"}
+    teacher = train(parse_train_config({**common, "name": "t", "student": {"model": "resnet14"},
+                                        "method": {"name": "vanilla"}, "tracking": teacher_tracking}))
+    assert teacher.registered_model == "models:/digits-resnet14/1"
     student = train(parse_train_config({
         **common, "name": "s", "student": {"model": "resnet8"},
-        "teacher": {"model": "resnet14", "checkpoint": f"runs:/{teacher.run_id}"},
+        "teacher": {"model": "resnet14", "checkpoint": "models:/digits-resnet14/1"},
         "method": {"name": "semckd", "beta": 20},
     }))
 
@@ -40,7 +43,7 @@ def test_teacher_then_semckd_student_on_two_workers(ray_cluster, workdir):
         assert run.data.params["scaling.num_workers"] == "2"
         assert "config.yaml" in {a.path for a in mlflow.list_artifacts(result.run_id)}
 
-    student_run = mlflow.get_run(student.run_id)
-    assert student_run.data.tags["teacher_checkpoint"] == f"runs:/{teacher.run_id}"
-    assert student_run.data.params["teacher.checkpoint"] == f"runs:/{teacher.run_id}"
+    student_run = mlflow.get_run(student.run_id)  # it names its teacher's run, found by the registered name
+    assert student_run.data.tags["teacher_run_id"] == teacher.run_id
+    assert student_run.data.params["teacher.checkpoint"] == "models:/digits-resnet14/1"
     assert "train_semckd" in student_run.data.metrics and "train_kd" in student_run.data.metrics
