@@ -39,6 +39,13 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def browse_hint(uri: str) -> str:
+    """How a person opens the runs of ``uri`` in the MLflow UI (credentials left out)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {redact(uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1 --port 5000"
+
+
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, before any training, when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):

@@ -9,6 +9,7 @@ import argparse
 
 from semckd_ray.cli import config_arguments, run_cli
 from semckd_ray.config import load_train_config
+from semckd_ray.tracking import browse_hint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  use as a teacher         teacher.checkpoint=runs:/{result.run_id}")
     if result.registered_model:
         print(f"  registered               {result.registered_model}")
-    print(f"\nbrowse it: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1 --port 5000")
+    print(f"\nbrowse it: {browse_hint(result.tracking_uri)}")
     return 0
 
 

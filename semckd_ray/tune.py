@@ -402,7 +402,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         for key in searched:
             print(f"  {key[len('searched.'):]} = {best.get(key)}")
     print(f"\nsweep parent run: {summary['parent_run_id']} in experiment {summary['experiment']!r}")
-    print(f"browse it: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000")
+    print(f"browse it: {tracking.browse_hint(summary['tracking_uri'])}")
 
 
 def _fmt(value: Any) -> str:

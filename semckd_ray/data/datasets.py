@@ -148,10 +148,32 @@ def _ensure_cifar_files(fmt: _CifarFormat, root: Path, download: bool) -> None:
                         + _how_to_provide(fmt, root)) from exc
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays, and refuses any other global: a dataset file
+    is data, and a pickle that names a function would run it."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _ArraysOnly(f, encoding="latin1").load()
+    except _RefusedGlobal as exc:
+        raise UserError(f"{path}: refused for safety, not loaded: it would call {exc}, and a CIFAR file "
+                        "holds only arrays and lists; replace it with the official release") from None
     except Exception as exc:  # a truncated or foreign file fails in many different ways
         raise UserError(f"{path}: cannot be read as a CIFAR pickle ({type(exc).__name__}: {exc}); "
                         "the file is probably truncated -- delete it and download the dataset again") from exc

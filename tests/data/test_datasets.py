@@ -213,3 +213,26 @@ def test_digits_test_split_does_not_depend_on_the_seed(tmp_path):
     a, b = load_dataset("digits", tmp_path, seed=0), load_dataset("digits", tmp_path, seed=1)
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
     assert not torch.equal(a.val.images, b.val.images)
+
+
+class _Payload:
+    """Pickles as a call of ``open(marker, "w")``: what a malicious dataset file could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_dataset_file_that_would_run_code_is_refused_unrun(tmp_path):
+    write_cifar100(tmp_path)
+    train = tmp_path / "cifar-100-python" / "train"
+    marker = tmp_path / "payload-ran"
+    with open(train, "rb") as f:
+        content = pickle.load(f, encoding="latin1")
+    content["payload"] = _Payload(marker)
+    _dump(train, content)
+    with pytest.raises(UserError, match=r"refused for safety.*open"):
+        load_dataset("cifar100", tmp_path)
+    assert not marker.exists()
