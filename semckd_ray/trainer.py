@@ -52,14 +52,12 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    from ray._private.services import find_gcs_addresses
-
-    if find_gcs_addresses():
-        log.warning(
-            "another Ray instance runs on this machine; Ray Train cannot tell two local clusters "
-            "apart when it cleans up after a stopped trial. Prefer one cluster: start it with "
-            "'ray start --head' and set RAY_ADDRESS to join it."
-        )
+    # Ray's own processes inherit this environment. With RAY_ADDRESS naming this cluster, Ray
+    # Train's placement-group cleaner finds it even when other Ray instances run on the machine;
+    # without it, a stopped trial's CPUs stay reserved and a sweep stalls.
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     from ray._private import ray_constants
 
     # Ray read the variable when it was first imported, which may have been before it was set
@@ -69,6 +67,14 @@ def ensure_ray(address: str | None = None) -> None:
     # join. The dashboard serves the State API that Ray Train's controller polls (and users watch).
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cluster_capacity() -> dict[str, float]:
