@@ -17,6 +17,11 @@ process the script waits (up to ``--wait-s``) until other processes use fewer th
 ``--max-foreign-cores`` cores. Speed-ups are ratios of medians over all timed iterations of all
 rounds; the per-round ratios are given too. Every iteration records how many cores other
 processes used meanwhile, and ``quiet`` figures keep only iterations where that was below 0.25.
+
+On a shared machine whose load comes and goes, wall-clock ratios can swing by 2x between runs.
+``--threads 1`` makes the process CPU time of each iteration a load-robust measure of the work
+done (one thread cannot be stalled waiting for another that lost its core), so the script also
+reports ratios of median CPU times; they are meaningful at one thread only.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def main() -> None:
                   f"other processes' cores {summary(out['foreign_cores_all'])['median']:.2f}, "
                   f"load {out['load_avg_end']}", flush=True)
 
-    stats, quiet, rss, per_round = {}, {}, {}, {}
+    stats, quiet, cpu, rss, per_round = {}, {}, {}, {}, {}
     for name, outs in runs.items():
         good = [o for o in outs if "error" not in o]
         if not good:
@@ -86,6 +91,7 @@ def main() -> None:
         times = [t for o in good for t in o["ms_all"]]
         calm = [t for o in good for t, f in zip(o["ms_all"], o["foreign_cores_all"]) if f < QUIET]
         stats[name] = summary(times)
+        cpu[name] = summary([t for o in good for t in o["cpu_ms_all"]])
         quiet[name] = summary(calm) if calm else None
         rss[name] = max(o["peak_rss_mb"] for o in good)
         per_round[name] = [o["ms_per_iter_median"] if "error" not in o else None for o in outs]
@@ -99,8 +105,10 @@ def main() -> None:
         return [a / b for a, b in zip(per_round.get("reference", []), per_round.get(name, [])) if a and b]
 
     speedups = {n: speedup(n) for n in stats if n.startswith("ours")}
+    cpu_speedups = {n: cpu["reference"]["median"] / cpu[n]["median"] for n in speedups if "reference" in cpu}
     first = {n: runs[n][0].get("first_losses") for n in stats}
-    result = {"config": vars(args), "ms_per_iter": stats, "ms_per_iter_quiet": quiet, "peak_rss_mb": rss,
+    result = {"config": vars(args), "ms_per_iter": stats, "ms_per_iter_quiet": quiet, "cpu_ms_per_iter": cpu,
+              "cpu_speedup_vs_reference_median": cpu_speedups, "peak_rss_mb": rss,
               "ms_per_iter_round_medians": per_round, "speedup_vs_reference_median": speedups,
               "speedup_vs_reference_paired_rounds": {n: paired(n) for n in speedups}, "first_losses": first,
               "runs": runs, "load_avg_start": load_start, "load_avg_end": load_avg()}
@@ -111,7 +119,9 @@ def main() -> None:
         q = quiet[n]
         quiet_txt = f"; quiet {q['median']:.0f} ms (n={q['n']})" if q else ""
         ratio = f"  x{speedups[n]:.2f} vs reference" if speedups.get(n) else ""
-        print(f"  {n:13s} {fmt_summary(s, digits=0)}{quiet_txt}, peak RSS {rss[n]:.0f} MB{ratio}")
+        cpu_txt = f" (CPU x{cpu_speedups[n]:.2f})" if n in cpu_speedups else ""
+        print(f"  {n:13s} {fmt_summary(s, digits=0)}{quiet_txt}, CPU {cpu[n]['median']:.0f} ms, "
+              f"peak RSS {rss[n]:.0f} MB{ratio}{cpu_txt}")
     if "kd_reference" in stats and "reference" in stats:
         result["semckd_over_kd_reference"] = stats["reference"]["median"] / stats["kd_reference"]["median"]
     if "kd_ours_fp32" in stats and "ours_fp32" in stats:
@@ -136,9 +146,14 @@ def main() -> None:
     if first.get("reference") and first.get("ours_fp32"):
         a, b = first["reference"]["total"], first["ours_fp32"]["total"]
         result["reference_vs_ours_first_loss_rel_diff"] = abs(a - b) / abs(a)
+    for key in ("fp32_speedup", "bf16_speedup"):
+        if key in verdicts and verdicts[key]["config"] in cpu_speedups:
+            verdicts[key]["cpu_time_value"] = cpu_speedups[verdicts[key]["config"]]
     result["targets"] = {k: {**v, "target": TARGETS[k]} for k, v in verdicts.items()}
     for k, v in result["targets"].items():
-        print(f"  target {k}: {v['value']:.4g} ({v['config']}) vs {v['target']} -> {'MET' if v['met'] else 'NOT MET'}")
+        cpu_txt = f" [CPU-time ratio {v['cpu_time_value']:.3g}]" if "cpu_time_value" in v else ""
+        print(f"  target {k}: {v['value']:.4g} ({v['config']}) vs {v['target']} -> "
+              f"{'MET' if v['met'] else 'NOT MET'}{cpu_txt}")
     print(f"  load avg {load_start} -> {result['load_avg_end']}")
     print(f"  saved {save_result('compare_step', result)}")
 

@@ -105,10 +105,11 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times, foreign, first_losses = [], [], None
+    times, cpu_times, foreign, first_losses = [], [], [], None
     for it in range(args.warmup + args.iters):
         sync()
         monitor = CpuMonitor().start()
+        cpu_started = time.process_time()
         started = time.perf_counter()
         losses = step(x, y, index)
         sync()
@@ -117,6 +118,7 @@ def run(args) -> dict:
             first_losses = losses
         if it >= args.warmup:
             times.append(elapsed * 1e3)
+            cpu_times.append((time.process_time() - cpu_started) * 1e3)
             foreign.append(monitor.stop().get("foreign_cores", float("nan")))
     ms = summary(times)
     result = {
@@ -129,6 +131,9 @@ def run(args) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_before_first_step_mb": rss_after_build,
         "ms_all": times,
+        # CPU time of this process (all threads): with --threads 1 a load-robust measure of work done
+        "cpu_ms_all": cpu_times,
+        "cpu_ms_per_iter": summary(cpu_times),
         "foreign_cores_all": foreign,  # cores other processes kept busy during each timed iteration
         "first_losses": first_losses,
         "load_avg_end": load_avg(),

@@ -75,10 +75,33 @@ class SemCKDOutput(NamedTuple):
     value_tea: list[list[Tensor]]  # S x T teacher maps at the pair's resolution
 
 
+def _rows(feat: Tensor) -> Tensor:
+    """Each sample's values as one row [B, C*H*W], in memory order: a view for NCHW and for channels_last.
+
+    Only for sums over a whole sample (inner products, squared errors), which the order does not change.
+    """
+    if not feat.is_contiguous() and feat.is_contiguous(memory_format=torch.channels_last):
+        feat = feat.permute(0, 2, 3, 1)
+    return feat.reshape(feat.shape[0], -1)
+
+
 def _gram(feat: Tensor) -> Tensor:
     """Batch Gram matrix of the flattened maps: no centring, no normalisation (official SelfA)."""
-    x = feat.reshape(feat.shape[0], -1)
+    x = _rows(feat)
     return x @ x.t()
+
+
+def _pair_mse(proj: Tensor, target: Tensor) -> Tensor:
+    """Per-sample mean of ``(proj - target)^2`` over C, H, W (official ``MSELoss(reduction='none')``).
+
+    Written out because ``mse_loss`` followed by a mean is several times slower on channels_last
+    maps (strided reduction and backward). Under autocast in float32, as autocast runs ``mse_loss``.
+    """
+    dtype = torch.promote_types(proj.dtype, target.dtype)
+    if torch.is_autocast_enabled(proj.device.type):
+        dtype = torch.promote_types(dtype, torch.float32)
+    diff = _rows(proj.to(dtype) - target.to(dtype))
+    return (diff * diff).sum(1) / diff.shape[1]
 
 
 def _pool_to(feat: Tensor, size: int) -> Tensor:
@@ -194,7 +217,7 @@ class SemCKD(DistillMethod):
             value_tea.append(tea_row)
             pair_mse.append(
                 torch.stack(
-                    [F.mse_loss(p, t, reduction="none").flatten(1).mean(1) for p, t in zip(stu_row, tea_row)],
+                    [_pair_mse(p, t) for p, t in zip(stu_row, tea_row)],
                     dim=1,
                 )
             )
