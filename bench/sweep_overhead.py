@@ -7,7 +7,8 @@ Ray storage and data folder in ``--workdir`` (a temporary folder by default). Th
 config names (``teacher.train``) is trained first by ``python -m semckd_ray.train`` on the same
 store and timed apart, so the sweep reuses it and its wall time is the sweep alone.
 
-From MLflow: every trial run's start-to-end time, the union of those intervals (time during
+From MLflow: every trial run's start-to-end time (for a trial ASHA stopped early, start to its
+last logged epoch, since its run is closed only when the sweep summarises), the union of those intervals (time during
 which at least one trial was running) and the sum of the ``epoch_seconds`` each trial logged
 (pure training). Overhead figures: sweep wall - union (start-up, scheduling gaps, summary),
 and wall / (sum of trial times / concurrency).
@@ -59,8 +60,12 @@ def trials_from_mlflow(uri: str, experiment: str) -> dict:
                                   max_results=1000)
     trials = []
     for run in children:
+        history = mlflow.get_metric_history(run.info.run_id, "epoch_seconds")
+        epochs = [m.value for m in history]
         start, end = run.info.start_time / 1e3, (run.info.end_time or run.info.start_time) / 1e3
-        epochs = [m.value for m in mlflow.get_metric_history(run.info.run_id, "epoch_seconds")]
+        if run.info.status != "FINISHED" and history:
+            # A trial ASHA stopped is closed only when the sweep summarises: it ended at its last report.
+            end = max(m.timestamp for m in history) / 1e3
         trials.append({"run_id": run.info.run_id, "trial_id": run.data.tags.get("tune_trial_id"),
                        "status": run.info.status, "start": start, "end": end, "seconds": end - start,
                        "epochs": len(epochs), "epoch_seconds_sum": sum(epochs)})
