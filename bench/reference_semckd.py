@@ -302,6 +302,10 @@ def main() -> int:
           f"reference {diff['loss_reference']:.7g}, loss rel diff {diff['loss_rel_diff']:.2e}, "
           f"student-feature grad max rel diff {diff['grad_feat_s_max_rel_diff']:.2e}")
     print("OK" if ok else "MISMATCH")
+    from bench.common import save_result
+
+    path = save_result("reference_check", {"golden_max_rel_error": dict(golden), "same_weights_vs_ours": diff, "ok": ok})
+    print(f"saved {path}")
     return 0 if ok else 1
 
 
