@@ -67,6 +67,8 @@ def build(args, device: torch.device):
         from bench.reference_semckd import official_iteration, self_attention_like
 
         self_attention = self_attention_like(method) if args.method == "semckd" else None
+        beta = distiller.beta
+        del distiller, method  # the reference process holds only what the official code would
         modules = [student] + ([self_attention] if self_attention is not None else [])
         params = [p for m in modules for p in m.parameters()]
         optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -74,8 +76,7 @@ def build(args, device: torch.device):
             m.train()
 
         def step(x, y, index):
-            return {"total": official_iteration(student, teacher, self_attention, optimizer, x, y,
-                                                beta=distiller.beta)}
+            return {"total": official_iteration(student, teacher, self_attention, optimizer, x, y, beta=beta)}
     else:
         optimizer = torch.optim.SGD(distiller.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         model = torch.compile(distiller) if args.compile else distiller
