@@ -1,0 +1,52 @@
+"""The golden directory: every file in it is checked by some test, and it holds at least one.
+
+Any subset of kinds is a valid directory (a float32 SemCKD file alone, say): the parity tests loop
+over what is there, and this guard makes sure that something was.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from golden import golden_dir, load_vector, vector_kind
+
+
+def check_directory(directory: Path) -> dict[str, int]:
+    """How many files of each kind ``directory`` holds; AssertionError if none, or one of no known kind."""
+    kinds: dict[str, int] = {}
+    unknown = []
+    for path in sorted(directory.glob("*.pt")):
+        kind = vector_kind(load_vector(path))
+        if kind is None:
+            unknown.append(path.name)
+        else:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    assert not unknown, f"no test checks {unknown} (known kinds: golden/README.md); none of its keys is recognised"
+    assert kinds, f"no golden vector in {directory}: no parity test would check anything"
+    return kinds
+
+
+def test_golden_directory_is_checked_whole():
+    directory = golden_dir()
+    if not directory.is_dir():
+        pytest.skip(f"golden directory {directory} not found (set SEMCKD_GOLDEN_DIR)")
+    print(check_directory(directory))
+
+
+def test_a_directory_with_one_kind_is_valid(tmp_path):
+    source = next(golden_dir().glob("kd_*.pt"), None) or next(golden_dir().glob("*.pt"), None)
+    if source is None:
+        pytest.skip("no golden vector to copy")
+    shutil.copy(source, tmp_path)
+    assert len(check_directory(tmp_path)) == 1
+
+
+def test_an_empty_directory_or_an_unknown_file_fails(tmp_path):
+    with pytest.raises(AssertionError, match="no golden vector"):
+        check_directory(tmp_path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "something_else.pt")
+    with pytest.raises(AssertionError, match="something_else.pt"):
+        check_directory(tmp_path)
