@@ -3,11 +3,12 @@
     python bench/layout_accuracy.py [--vector /work/shared/golden/r32x4_r8x4_div8_b64_f4_fp32.pt]
 
 Runs our module on a golden vector's weights and features in float64 (the yardstick), then in
-float32 with the maps as given (NCHW, what the parity test pins) and in channels_last, and prints
-each one's worst relative errors against float64 (loss, student-feature and parameter gradients),
-next to the golden file's own (the official code's float32 result). Why it matters: the module
-keeps the maps' layout rather than switching to the faster channels_last itself, because the
-float32 golden vector pins NCHW's rounding; this shows which of the two is the more accurate.
+float32 with the maps as given (NCHW) and in channels_last, and prints each one's worst relative
+errors against float64 (loss, student-feature and parameter gradients), next to the golden file's
+own (the official code's float32 result). For our two runs it also counts the ReLU elements that
+float32 rounding put on the other side of zero than float64 did, and gives the worst error against
+float64 taken on the float32 run's branches (``tests/golden.py``, the parity test's yardstick):
+the first column is mostly those flips, the second the smooth rounding error of the layout.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import contextlib  # noqa: E402
 
 import torch  # noqa: E402
+from golden import ReluBranches, SameBranches  # noqa: E402
 
 from bench.common import save_result  # noqa: E402
 
@@ -30,7 +35,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
 
 
-def run(gold: dict, dtype: torch.dtype, channels_last: bool) -> dict[str, torch.Tensor]:
+def run(gold: dict, dtype: torch.dtype, channels_last: bool, mode=None) -> dict[str, torch.Tensor]:
     from semckd_ray.distill import DistillContext, create_method
     from semckd_ray.distill.official import load_official_semckd_state, official_grad_state
 
@@ -46,7 +51,8 @@ def run(gold: dict, dtype: torch.dtype, channels_last: bool) -> dict[str, torch.
     module = module.to(memory_format=memory_format).train()
     feat_s = [f.to(dtype).contiguous(memory_format=memory_format).clone().requires_grad_(True) for f in gold["feat_s"]]
     feat_t = [f.to(dtype).contiguous(memory_format=memory_format) for f in gold["feat_t"]]
-    out = module.forward_features(feat_s, feat_t)
+    with mode or contextlib.nullcontext():
+        out = module.forward_features(feat_s, feat_t)
     out.loss.backward()
     return {"loss": out.loss, **{f"grad_feat_s[{i}]": f.grad for i, f in enumerate(feat_s)},
             **{f"grad:{k}": v for k, v in official_grad_state(module).items()}}
@@ -62,14 +68,26 @@ def main() -> None:
     exact = run(gold, torch.float64, channels_last=False)
     golden = {"loss": gold["loss"], **{f"grad_feat_s[{i}]": g for i, g in enumerate(gold["grad_feat_s"])},
               **{f"grad:{k}": v for k, v in gold["grad_state_dict"].items() if f"grad:{k}" in exact}}
-    rows = {"golden_file_fp32": golden, "ours_fp32_nchw": run(gold, torch.float32, False),
-            "ours_fp32_channels_last": run(gold, torch.float32, True)}
-    result = {"vector": str(args.vector), "worst_rel_error_vs_float64": {}}
+    result = {"vector": str(args.vector), "worst_rel_error_vs_float64": {}, "same_branches": {}}
     print(f"{args.vector.name}: worst relative errors against float64")
-    for name, values in rows.items():
+
+    def report(name: str, values: dict) -> None:
         errors = sorted(((k, rel(v, exact[k])) for k, v in values.items() if v is not None), key=lambda kv: -kv[1])
         result["worst_rel_error_vs_float64"][name] = dict(errors[: args.top])
         print(f"  {name:24s} " + ", ".join(f"{k} {e:.1e}" for k, e in errors[: args.top]))
+
+    report("golden_file_fp32", golden)
+    for channels_last in (False, True):
+        name = "ours_fp32_channels_last" if channels_last else "ours_fp32_nchw"
+        branches = ReluBranches()
+        ours = run(gold, torch.float32, channels_last, branches)
+        report(name, ours)
+        same = SameBranches(branches.masks)
+        matched = run(gold, torch.float64, channels_last, same)
+        errors = sorted(((k, rel(v, matched[k])) for k, v in ours.items() if v is not None), key=lambda kv: -kv[1])
+        result["same_branches"][name] = {"relu_flips": same.flips, "worst": dict(errors[: args.top])}
+        print(f"    {same.flips} ReLU elements flipped; on float32's branches: "
+              + ", ".join(f"{k} {e:.1e}" for k, e in errors[: args.top]))
     print(f"  saved {save_result('layout_accuracy', result)}")
 
 
