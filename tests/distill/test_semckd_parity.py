@@ -199,7 +199,10 @@ OTHER_ROUNDINGS = {
 def test_float32_criterion_accepts_another_rounding(rounding):
     gold = _gold(_first("float32"))
     ours, theirs = our_tensors(gold, torch.float32), our_tensors(gold, torch.float32, within=OTHER_ROUNDINGS[rounding])
-    assert any(not torch.equal(ours[k], theirs[k]) for k in ours), "the simulated rounding changed nothing"
+    if all(torch.equal(ours[k], theirs[k]) for k in ours):
+        # An ulp moved at random always changes something; oneDNN may not serve these convolutions.
+        assert rounding == "no_onednn", "the simulated rounding changed nothing"
+        pytest.skip("oneDNN off changes nothing on this CPU: the convolutions do not use it here")
     print(f"{rounding}: {check_vector(gold, within=OTHER_ROUNDINGS[rounding])}")
 
 
