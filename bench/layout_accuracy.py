@@ -23,16 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import contextlib  # noqa: E402
 
 import torch  # noqa: E402
-from golden import ReluBranches, SameBranches  # noqa: E402
+from golden import ReluBranches, SameBranches, relative_error  # noqa: E402
 
 from bench.common import save_result  # noqa: E402
 
 DEFAULT_VECTOR = Path(__file__).resolve().parents[2] / "shared" / "golden" / "r32x4_r8x4_div8_b64_f4_fp32.pt"
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+def worst(values: dict, reference: dict, top: int) -> dict[str, float]:
+    """The ``top`` largest relative errors of ``values`` against ``reference``, largest first."""
+    errors = sorted(((k, relative_error(v, reference[k])) for k, v in values.items() if v is not None),
+                    key=lambda kv: -kv[1])
+    return dict(errors[:top])
+
+
+def listed(errors: dict[str, float]) -> str:
+    return ", ".join(f"{k} {e:.1e}" for k, e in errors.items())
 
 
 def run(gold: dict, dtype: torch.dtype, channels_last: bool, mode=None) -> dict[str, torch.Tensor]:
@@ -72,9 +78,8 @@ def main() -> None:
     print(f"{args.vector.name}: worst relative errors against float64")
 
     def report(name: str, values: dict) -> None:
-        errors = sorted(((k, rel(v, exact[k])) for k, v in values.items() if v is not None), key=lambda kv: -kv[1])
-        result["worst_rel_error_vs_float64"][name] = dict(errors[: args.top])
-        print(f"  {name:24s} " + ", ".join(f"{k} {e:.1e}" for k, e in errors[: args.top]))
+        result["worst_rel_error_vs_float64"][name] = errors = worst(values, exact, args.top)
+        print(f"  {name:24s} {listed(errors)}")
 
     report("golden_file_fp32", golden)
     for channels_last in (False, True):
@@ -83,11 +88,9 @@ def main() -> None:
         ours = run(gold, torch.float32, channels_last, branches)
         report(name, ours)
         same = SameBranches(branches.masks)
-        matched = run(gold, torch.float64, channels_last, same)
-        errors = sorted(((k, rel(v, matched[k])) for k, v in ours.items() if v is not None), key=lambda kv: -kv[1])
-        result["same_branches"][name] = {"relu_flips": same.flips, "worst": dict(errors[: args.top])}
-        print(f"    {same.flips} ReLU elements flipped; on float32's branches: "
-              + ", ".join(f"{k} {e:.1e}" for k, e in errors[: args.top]))
+        errors = worst(ours, run(gold, torch.float64, channels_last, same), args.top)
+        result["same_branches"][name] = {"relu_flips": same.flips, "worst": errors}
+        print(f"    {same.flips} ReLU elements flipped; on float32's branches: {listed(errors)}")
     print(f"  saved {save_result('layout_accuracy', result)}")
 
 

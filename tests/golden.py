@@ -84,9 +84,21 @@ def vector_kind(data: Mapping) -> str | None:
     return None
 
 
-def vectors_of_kind(kind: str) -> list[Path]:
-    """Every ``*.pt`` of the golden directory that holds a vector of ``kind``."""
-    return [p for p in sorted(golden_dir().glob("*.pt")) if vector_kind(load_vector(p)) == kind]
+def golden_kinds(directory: Path | None = None) -> dict[Path, str | None]:
+    """The kind of every ``*.pt`` in ``directory`` (default ``golden_dir()``), None where unknown."""
+    return {p: vector_kind(load_vector(p)) for p in sorted((directory or golden_dir()).glob("*.pt"))}
+
+
+def vectors_of_kind(*kinds: str) -> dict[Path, str]:
+    """Every ``*.pt`` of the golden directory that holds a vector of one of ``kinds``, with its kind."""
+    return {p: kind for p, kind in golden_kinds().items() if kind in kinds}
+
+
+def cast_floats(value, dtype: torch.dtype):
+    """``value`` with every floating tensor in it (alone or in a list) cast to ``dtype``."""
+    if isinstance(value, (list, tuple)):
+        return [cast_floats(v, dtype) for v in value]
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
 def relative_error(actual, expected) -> float:

@@ -6,27 +6,22 @@ over what is there, and this guard makes sure that something was.
 
 from __future__ import annotations
 
+import collections
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir, load_vector, vector_kind
+from golden import golden_dir, golden_kinds
 
 
 def check_directory(directory: Path) -> dict[str, int]:
     """How many files of each kind ``directory`` holds; AssertionError if none, or one of no known kind."""
-    kinds: dict[str, int] = {}
-    unknown = []
-    for path in sorted(directory.glob("*.pt")):
-        kind = vector_kind(load_vector(path))
-        if kind is None:
-            unknown.append(path.name)
-        else:
-            kinds[kind] = kinds.get(kind, 0) + 1
+    kinds = golden_kinds(directory)
+    unknown = [path.name for path, kind in kinds.items() if kind is None]
     assert not unknown, f"no test checks {unknown} (known kinds: golden/README.md); none of its keys is recognised"
     assert kinds, f"no golden vector in {directory}: no parity test would check anything"
-    return kinds
+    return collections.Counter(kinds.values())
 
 
 def test_golden_directory_is_checked_whole():

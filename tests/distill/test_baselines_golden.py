@@ -11,11 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from golden import FLOAT64_TOLERANCE, assert_all_close, assert_float32_faithful, load_vector, vectors_of_kind
+from golden import (
+    FLOAT64_TOLERANCE,
+    assert_all_close,
+    assert_float32_faithful,
+    cast_floats,
+    load_vector,
+    vectors_of_kind,
+)
 from semckd_ray.distill import DistillContext, create_method, kd_loss
 from semckd_ray.distill.at import at_loss
 
-VECTORS = {p: kind for kind in ("baselines", "kd") for p in vectors_of_kind(kind)}
+VECTORS = vectors_of_kind("baselines", "kd")
 needs_golden = pytest.mark.skipif(not VECTORS, reason="no baseline or KD golden vectors (set SEMCKD_GOLDEN_DIR)")
 
 
@@ -86,12 +93,6 @@ def expected_kd(data: dict) -> dict:
 CHECKS = {"baselines": (compute_baselines, expected_baselines), "kd": (compute_kd, expected_kd)}
 
 
-def _cast(value, dtype: torch.dtype):
-    if isinstance(value, (list, tuple)):
-        return [_cast(v, dtype) for v in value]
-    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-
 def check_vector(data: dict, kind: str) -> dict:
     """A float64 vector is matched to FLOAT64_TOLERANCE; a float32 one by its error against the
     float64 truth of the same inputs (these losses are smooth: no branch to match, see golden.py)."""
@@ -99,7 +100,7 @@ def check_vector(data: dict, kind: str) -> dict:
     ours, official = _flatten(compute(data)), _flatten(expected(data))
     if data["logits_s"].dtype == torch.float64:
         return assert_all_close(ours, official, FLOAT64_TOLERANCE)
-    truth = _flatten(compute({k: _cast(v, torch.float64) for k, v in data.items()}))
+    truth = _flatten(compute({k: cast_floats(v, torch.float64) for k, v in data.items()}))
     return assert_float32_faithful(ours, truth, official, truth)
 
 
@@ -154,7 +155,7 @@ def test_float32_vector_is_judged_against_float64(kind, monkeypatch):
     path = next((p for p, k in VECTORS.items() if k == kind), None)
     if path is None:
         pytest.skip(f"no {kind} vector")
-    data = {k: _cast(v, torch.float32) for k, v in load_vector(path).items()}
+    data = {k: cast_floats(v, torch.float32) for k, v in load_vector(path).items()}
     errors = check_vector(data, kind)
     assert max(ours for ours, _ in errors.values()) < 1e-5
     right = kd_loss

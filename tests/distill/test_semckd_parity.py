@@ -22,6 +22,7 @@ from golden import (
     SameBranches,
     assert_all_close,
     assert_float32_faithful,
+    cast_floats,
     load_vector,
     vectors_of_kind,
 )
@@ -61,10 +62,6 @@ def _build(config: dict):
     return create_method("semckd", ctx, {"factor": config["factor"], "soft": config["soft"]})
 
 
-def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return value.to(dtype) if value.is_floating_point() else value
-
-
 def official_tensors(gold: dict) -> dict[str, torch.Tensor]:
     """Every tensor of a vector that the module must reproduce, by name."""
     config = gold["config"]
@@ -90,10 +87,10 @@ def our_tensors(gold: dict, dtype: torch.dtype, *, within=contextlib.nullcontext
     """
     config = gold["config"]
     module = _build(config).to(dtype)
-    load_official_semckd_state(module, {k: _cast(v, dtype) for k, v in (state or gold["state_dict"]).items()})
+    load_official_semckd_state(module, {k: cast_floats(v, dtype) for k, v in (state or gold["state_dict"]).items()})
     module.train()
-    feat_s = [f.to(dtype).clone().requires_grad_(True) for f in gold["feat_s"]]
-    feat_t = [f.to(dtype).clone() for f in gold["feat_t"]]
+    feat_s = [f.clone().requires_grad_(True) for f in cast_floats(gold["feat_s"], dtype)]
+    feat_t = [f.clone() for f in cast_floats(gold["feat_t"], dtype)]
     with within():
         out = module.forward_features(feat_s, feat_t)
     out.loss.backward()
