@@ -3,12 +3,16 @@
     python bench/profile_step.py --teacher resnet32x4 --student resnet8x4 --method semckd --batch 64 [--dtype bfloat16]
 
 Prints the operators by self CPU time (top ``--rows``) and the share of the main groups
-(convolution, batch norm, matmul, pooling, elementwise), and saves them as JSON.
+(convolution, batch norm, matmul, pooling, elementwise), then the iteration's work floor: its
+convolution and matmul multiply-accumulates (``torch.utils.flop_counter``) over this CPU's peak for a
+large float32 matrix product at the same thread count -- the time the iteration would take if those
+ran at GEMM peak and everything else were free. Saves it all as JSON.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +39,42 @@ def group_of(name: str) -> str:
         if any(k in lowered for k in keys):
             return group
     return "other"
+
+
+def gemm_peak_gmac_s(n: int = 2048, repeats: int = 5) -> float:
+    """Multiply-accumulates per second of one large float32 matrix product at the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def work_floor(step, x, y, index, per_iter_ms: float, groups: dict[str, float], iters: int) -> dict:
+    """The iteration's convolution and matmul work (FlopCounterMode) against this CPU's GEMM peak.
+
+    ``floor_ms`` is the time the counted work would take at the peak of a large matrix product,
+    with everything else (BatchNorm, ReLU, pooling, the optimizer) free: no exact rewrite that keeps
+    the work can go below it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(x, y, index)
+    by_op = {str(op): flops / 2e9 for op, flops in counter.get_flop_counts()["Global"].items()}
+    gmac = sum(by_op.values())
+    peak = gemm_peak_gmac_s()
+    conv_ms = groups.get("convolution", 0.0) / 1e3 / iters
+    conv_gmac = sum(v for k, v in by_op.items() if "conv" in k)
+    floor = {"gmac_per_iter": gmac, "gmac_by_op": by_op, "gemm_peak_gmac_s": peak, "floor_ms": gmac / peak * 1e3,
+             "convolution_ms_per_iter": conv_ms, "convolution_gmac_s": conv_gmac / conv_ms * 1e3 if conv_ms else None}
+    print(f"work: {gmac:.1f} GMAC per iteration ({', '.join(f'{k} {v:.1f}' for k, v in by_op.items())}); "
+          f"GEMM peak at {torch.get_num_threads()} threads {peak:.1f} GMAC/s -> floor {floor['floor_ms']:.0f} ms "
+          f"(measured {per_iter_ms:.0f} ms); convolutions ran at {floor['convolution_gmac_s'] or 0:.1f} GMAC/s")
+    return floor
 
 
 def main() -> None:
@@ -66,8 +106,9 @@ def main() -> None:
     per_iter_ms = total / 1e3 / args.iters
     print(f"self CPU time per iteration {per_iter_ms:.0f} ms; shares (%): {shares}; load avg {load_start} -> {load_avg()}")
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]
+    floor = work_floor(step, x, y, index, per_iter_ms, groups, args.iters)
     path = save_result("profile", {
-        "config": vars(args), "self_cpu_ms_per_iter": per_iter_ms, "group_share_percent": shares,
+        "config": vars(args), "self_cpu_ms_per_iter": per_iter_ms, "group_share_percent": shares, "floor": floor,
         "top_ops": [{"op": e.key, "self_cpu_ms_per_iter": e.self_cpu_time_total / 1e3 / args.iters,
                      "calls_per_iter": e.count / args.iters} for e in top],
         "load_avg_start": load_start,

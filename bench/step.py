@@ -39,6 +39,7 @@ def build(args, device: torch.device):
     """Teacher, distiller, optimizer and a step function for the configuration in ``args``."""
     from semckd_ray.distill import DistillContext, Distiller, create_method
     from semckd_ray.models import create_model
+    from semckd_ray.teacher import FrozenTeacher
     from semckd_ray.train_loop import feature_shapes, train_step
 
     torch.manual_seed(args.seed)
@@ -48,6 +49,10 @@ def build(args, device: torch.device):
     if args.teacher:
         teacher = create_model(args.teacher, num_classes=args.num_classes).to(device, memory_format=memory_format)
         teacher.eval().requires_grad_(False)
+        if not args.reference:  # as the trainer runs it (scaling.teacher_channels_last)
+            teacher_format = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format,
+                              "student": memory_format}[args.teacher_layout]
+            teacher = FrozenTeacher(teacher, teacher_format, feature_format=memory_format, fold=not args.no_fold)
     num_train = 50_000
     ctx = DistillContext(
         student_shapes=feature_shapes(student, device),
@@ -58,6 +63,8 @@ def build(args, device: torch.device):
         train_labels=torch.randint(0, args.num_classes, (num_train,)),
     )
     method = create_method(args.method, ctx).to(device, memory_format=memory_format)
+    if args.unbatched_heads:
+        method.batch_heads = False
     distiller = Distiller(student, method, beta=args.beta)
     amp = args.dtype == "bfloat16"
 
@@ -124,8 +131,8 @@ def run(args) -> dict:
     ms = summary(times)
     result = {
         "config": {k: getattr(args, k) for k in ("teacher", "student", "method", "batch", "dtype", "channels_last",
-                                                  "compile", "reference", "iters", "warmup", "threads", "device",
-                                                  "seed")},
+                                                  "compile", "teacher_layout", "no_fold", "unbatched_heads", "reference",
+                                                  "iters", "warmup", "threads", "device", "seed")},
         "ms_per_iter": ms,
         "ms_per_iter_median": ms["median"],
         "images_per_s": args.batch * 1e3 / ms["median"],
@@ -156,6 +163,13 @@ def parser() -> argparse.ArgumentParser:
                    help="bfloat16 = bf16 autocast, as scaling.bf16 in the trainer")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the distiller, as scaling.compile")
+    p.add_argument("--teacher-layout", choices=("channels_last", "contiguous", "student"), default="channels_last",
+                   help="the frozen teacher's memory layout (trainer default: channels_last; "
+                        "student = the student's layout, the trainer before teacher_channels_last)")
+    p.add_argument("--no-fold", action="store_true",
+                   help="keep the teacher's BatchNorm apart from its convolutions (the trainer folds them)")
+    p.add_argument("--unbatched-heads", action="store_true",
+                   help="run SemCKD's projection heads one by one (before the batched first layer)")
     p.add_argument("--reference", action="store_true", help="the official code's iteration instead of ours")
     p.add_argument("--iters", type=int, default=16)
     p.add_argument("--warmup", type=int, default=4)

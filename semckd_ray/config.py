@@ -115,11 +115,17 @@ class ScalingConfig(_Section):
     bf16: bool = False
     # channels_last: None means on for GPU (faster at every batch size measured), off for CPU.
     channels_last: bool | None = None
+    # The frozen teacher's layout, apart from the student's: None means channels_last on every
+    # device (its forward is exact in either layout and faster in channels_last: bench/README.md).
+    teacher_channels_last: bool | None = None
     compile: bool = False
     max_failures: int = Field(default=3, ge=-1)  # worker failures a run recovers from
 
     def channels_last_enabled(self) -> bool:
         return self.use_gpu if self.channels_last is None else self.channels_last
+
+    def teacher_channels_last_enabled(self) -> bool:
+        return True if self.teacher_channels_last is None else self.teacher_channels_last
 
 
 class CheckpointConfig(_Section):

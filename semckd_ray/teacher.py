@@ -9,6 +9,8 @@ Checkpoints logged by this project carry their sha256 as a run tag, checked on d
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -35,6 +37,62 @@ def teacher_run_id(checkpoint: str, tracking_uri: str | None) -> str | None:
     if checkpoint.startswith("models:/"):
         return _registered_model_source(checkpoint, tracking_uri)[0]
     return None
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm that directly follows a convolution folded into it.
+
+    On running statistics, ``bn(conv(x))`` is one convolution with weights scaled per output channel
+    and a bias: the same function, up to float rounding. Pairs inside an ``nn.Sequential`` are folded
+    first; the rest (``conv1`` / ``bn1`` attributes of a block) through ``torch.fx``, which folds a
+    pair only when the convolution's output goes nowhere but its BatchNorm (so no feature map taken
+    between the two changes). A model ``torch.fx`` cannot trace (shape-dependent control flow, as
+    VGG's) keeps the pairs of its Sequentials folded and the others as they are.
+    """
+    from torch.fx.experimental.optimization import fuse
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for k in range(len(seq) - 1):
+            conv, bn = seq[k], seq[k + 1]
+            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                seq[k], seq[k + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    try:
+        return fuse(model)
+    except torch.fx.proxy.TraceError:
+        return model
+
+
+class FrozenTeacher(nn.Module):
+    """The teacher as distillation reads it: eval mode, no gradients, BatchNorm folded, its own memory layout.
+
+    The teacher only ever runs forward with its BatchNorm on running statistics (no reductions), so
+    neither folding the BatchNorm into the convolutions (``fold_batchnorm``) nor the layout changes
+    more than float32 rounding: resnet32x4's features in channels_last, folded or not, are as close
+    to float64 as the plain contiguous forward (1.5e-6). Both make it faster: on a Zen 3, 0.93x the
+    plain forward's time in channels_last, 0.83x folded in channels_last (bench/teacher_forward.py).
+    Feature maps are handed on in ``feature_format``, the layout the student and the method work in.
+    """
+
+    def __init__(self, model: nn.Module, memory_format: torch.memory_format = torch.channels_last,
+                 feature_format: torch.memory_format = torch.contiguous_format, fold: bool = True):
+        super().__init__()
+        model = model.eval().requires_grad_(False)
+        if fold:
+            model = fold_batchnorm(model)
+        self.model = model.to(memory_format=memory_format).eval().requires_grad_(False)
+        self.memory_format = memory_format
+        self.feature_format = feature_format
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)  # frozen: always in eval mode
+
+    def forward(self, x: torch.Tensor):
+        logits, feats = self.model(x.contiguous(memory_format=self.memory_format))
+        if self.memory_format != self.feature_format:
+            feats = [f.contiguous(memory_format=self.feature_format) if f.dim() == 4 else f for f in feats]
+        return logits, feats
 
 
 def load_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device,

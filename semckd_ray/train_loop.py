@@ -30,7 +30,7 @@ from semckd_ray.data import eval_loader, load_dataset, train_loader
 from semckd_ray.distill import DistillContext, Distiller, create_method, get_method_class
 from semckd_ray.errors import UserError
 from semckd_ray.models import create_model
-from semckd_ray.teacher import load_teacher
+from semckd_ray.teacher import FrozenTeacher, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,11 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     student = create_model(cfg.student.model, num_classes=splits.num_classes).to(env.device, memory_format=memory_format)
     teacher = None
     if cfg.teacher is not None:
-        teacher = load_teacher(cfg.teacher, splits.num_classes, env.device, cfg.tracking.uri)
-        teacher = teacher.to(memory_format=memory_format).eval().requires_grad_(False)
+        teacher = FrozenTeacher(
+            load_teacher(cfg.teacher, splits.num_classes, env.device, cfg.tracking.uri),
+            torch.channels_last if cfg.scaling.teacher_channels_last_enabled() else torch.contiguous_format,
+            feature_format=memory_format,
+        )
     ctx = DistillContext(
         student_shapes=feature_shapes(student, env.device),
         teacher_shapes=feature_shapes(teacher, env.device) if teacher is not None else (),

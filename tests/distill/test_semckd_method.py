@@ -212,3 +212,54 @@ def test_loads_attention_entry_of_an_official_checkpoint(tmp_path):
     torch.save({"model": {}}, tmp_path / "teacher.pth")
     with pytest.raises(UserError, match="'attention' entry"):
         load_official_semckd_checkpoint(target, tmp_path / "teacher.pth")
+
+
+def _run_heads(method, batched: bool, feat_s, feat_t):
+    """Loss, student-map gradients, parameter gradients and buffers after one forward + backward."""
+    method.batch_heads = batched
+    calls = []
+    hooks = [row[j][0].register_forward_hook(lambda *_: calls.append(1)) for row in method.proj for j in range(T)]
+    feat_s = [f.detach().clone().requires_grad_(True) for f in feat_s]
+    out = method.forward_features(feat_s, feat_t)
+    out.loss.backward()
+    for hook in hooks:
+        hook.remove()
+    grads = {name: p.grad for name, p in method.named_parameters()}
+    return out.loss.detach(), [f.grad for f in feat_s], grads, dict(method.named_buffers()), len(calls)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batched_heads_equal_the_heads_one_by_one(training):
+    """The heads that read the same pooled student map share one first convolution: same loss, gradients and BN state.
+
+    Here student map 0 (8x8) meets teacher maps 0 (16x16) and 1 (8x8) at 8x8, and map 1 (4x4) meets them at
+    4x4: two batched pairs per student map. In training mode the running statistics of every head's first
+    BatchNorm must come back updated as if it had run alone; in eval mode they are read.
+    """
+    import copy
+
+    torch.manual_seed(0)
+    one = _method().double().train(training)
+    for bn in (m for m in one.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    batched = copy.deepcopy(one)
+    before = {name: value.clone() for name, value in one.named_buffers()}
+    feat_s, feat_t = _maps(dtype=torch.float64)
+    alone = _run_heads(one, False, feat_s, feat_t)
+    together = _run_heads(batched, True, feat_s, feat_t)
+    assert alone[4] == S * T and together[4] == S * (T - 2)  # two heads per student map batched
+    exact = {"rtol": 1e-12, "atol": 1e-15}
+    torch.testing.assert_close(together[0], alone[0], **exact)
+    for a, b in zip(together[1], alone[1]):
+        torch.testing.assert_close(a, b, **exact)
+    assert together[2].keys() == alone[2].keys()
+    for name in alone[2]:
+        torch.testing.assert_close(together[2][name], alone[2][name], **exact, msg=name)
+    for name, value in alone[3].items():
+        torch.testing.assert_close(together[3][name], value, **exact, msg=name)
+    moved = [name for name, value in alone[3].items() if not torch.equal(value, before[name])]
+    if training:  # every BN's running statistics and count moved, the batched ones too
+        assert len(moved) == 3 * 2 * S * T
+    else:
+        assert moved == []
