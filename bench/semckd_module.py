@@ -8,8 +8,6 @@ the backward includes the path through the student Gram matrices). Variants, tim
 
 * ``reference``: ``bench/reference_semckd.py`` SelfA + SemCKDLoss, float32;
 * ``ours_fp32``: ``semckd_ray``'s module, float32, on the same weights;
-* ``ours_unbatched``: ours with the projection heads run one by one (``batch_heads = False``: the
-  module before the heads that read the same pooled map shared their first layer);
 * ``ours_bf16``: the same under bf16 autocast, with the features the models give under autocast.
 
 ``--channels-last`` hands ours channels_last features (as the trainer does with scaling.channels_last).
@@ -47,7 +45,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--variants", default="reference,ours_fp32,ours_unbatched,ours_bf16")
+    p.add_argument("--variants", default="reference,ours_fp32,ours_bf16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,10 +76,9 @@ def main() -> None:
         loss.backward()
         return loss.item()
 
-    def run_ours(feats, amp, batch_heads=True):
+    def run_ours(feats, amp):
         def go():
             fs = [f.clone().requires_grad_(True) for f in feats[0]]
-            ours.batch_heads = batch_heads
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 loss = ours.forward_features(fs, feats[1]).loss
             ours.zero_grad(set_to_none=True)
@@ -90,7 +87,6 @@ def main() -> None:
         return go
 
     runners = {"reference": run_reference, "ours_fp32": run_ours(feats_ours32, False),
-               "ours_unbatched": run_ours(feats_ours32, False, batch_heads=False),
                "ours_bf16": run_ours(feats_bf16, True)}
     names = [v for v in args.variants.split(",") if v]
     times = {n: [] for n in names}

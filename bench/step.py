@@ -63,8 +63,6 @@ def build(args, device: torch.device):
         train_labels=torch.randint(0, args.num_classes, (num_train,)),
     )
     method = create_method(args.method, ctx).to(device, memory_format=memory_format)
-    if args.unbatched_heads:
-        method.batch_heads = False
     distiller = Distiller(student, method, beta=args.beta)
     amp = args.dtype == "bfloat16"
 
@@ -131,7 +129,7 @@ def run(args) -> dict:
     ms = summary(times)
     result = {
         "config": {k: getattr(args, k) for k in ("teacher", "student", "method", "batch", "dtype", "channels_last",
-                                                  "compile", "teacher_layout", "no_fold", "unbatched_heads", "reference",
+                                                  "compile", "teacher_layout", "no_fold", "reference",
                                                   "iters", "warmup", "threads", "device", "seed")},
         "ms_per_iter": ms,
         "ms_per_iter_median": ms["median"],
@@ -168,8 +166,6 @@ def parser() -> argparse.ArgumentParser:
                         "student = the student's layout, the trainer before teacher_channels_last)")
     p.add_argument("--no-fold", action="store_true",
                    help="keep the teacher's BatchNorm apart from its convolutions (the trainer folds them)")
-    p.add_argument("--unbatched-heads", action="store_true",
-                   help="run SemCKD's projection heads one by one (before the batched first layer)")
     p.add_argument("--reference", action="store_true", help="the official code's iteration instead of ours")
     p.add_argument("--iters", type=int, default=16)
     p.add_argument("--warmup", type=int, default=4)

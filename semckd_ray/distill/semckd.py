@@ -94,10 +94,11 @@ def _gram(feat: Tensor) -> Tensor:
 def _pair_mse(proj: Tensor, target: Tensor) -> Tensor:
     """Per-sample mean of ``(proj - target)^2`` over C, H, W (official ``MSELoss(reduction='none')``).
 
-    On contiguous maps it is the official expression (also the faster one there: 8.3 against 9.8 ms
-    forward + backward for a 64x64x32x32 pair on a Zen 3). On channels_last maps it is written out,
-    because ``mse_loss`` followed by a mean is several times slower there (strided reduction and
-    backward). Under autocast in float32, as autocast runs ``mse_loss``.
+    On contiguous maps it is the official expression, which is also the faster one there for the
+    large pairs (forward + backward of a 64 x 64 x 32 x 32 pair: 5.8 against 11.2 ms written out, on
+    a Zen 3; ``bench/pair_mse.py``). On channels_last maps it is written out, because ``mse_loss``
+    followed by a mean is 2-4x slower there (strided reduction and backward). Under autocast in
+    float32, as autocast runs ``mse_loss``.
     """
     if proj.is_contiguous() and target.is_contiguous():
         return F.mse_loss(proj, target, reduction="none").reshape(proj.shape[0], -1).mean(1)
@@ -170,8 +171,6 @@ class SemCKD(DistillMethod):
             nn.ModuleList(projection(cs, ct, opts.proj_width) for ct in t_channels) for cs in s_channels
         )
         self.last_attention: Tensor | None = None
-        # Batch the first layer of the heads that share an input (see ``_project``); False runs them apart.
-        self.batch_heads = True
 
     @staticmethod
     def _map_channels(shapes: tuple[tuple[int, ...], ...], who: str) -> list[int]:
@@ -214,14 +213,11 @@ class SemCKD(DistillMethod):
 
         proj_value_stu, value_tea, pair_mse = [], [], []
         for i, fs in enumerate(feat_s):
-            sizes = [min(fs.shape[2], ft.shape[2]) for ft in feat_t]
-            stu_row: list[Tensor | None] = [None] * len(feat_t)
-            # The heads of student map i that read the same pooled map start as one convolution.
-            for size in dict.fromkeys(sizes):
-                heads = [j for j, sz in enumerate(sizes) if sz == size]
-                for j, out in zip(heads, self._project(i, heads, pool("s", i, fs, size))):
-                    stu_row[j] = out
-            tea_row = [pool("t", j, ft, size) for j, (ft, size) in enumerate(zip(feat_t, sizes))]
+            stu_row, tea_row = [], []
+            for j, ft in enumerate(feat_t):
+                size = min(fs.shape[2], ft.shape[2])
+                stu_row.append(self.proj[i][j](pool("s", i, fs, size)))
+                tea_row.append(pool("t", j, ft, size))
             proj_value_stu.append(stu_row)
             value_tea.append(tea_row)
             pair_mse.append(
@@ -235,41 +231,6 @@ class SemCKD(DistillMethod):
 
         self.last_attention = attention.detach()
         return SemCKDOutput(loss, attention, energy, ind_loss, query, key, proj_value_stu, value_tea)
-
-    def _project(self, i: int, heads: list[int], source: Tensor) -> list[Tensor]:
-        """``proj[i][j](source)`` for every ``j`` in ``heads``, the heads' first 1x1 conv + BN + ReLU batched.
-
-        Exact: the first convolution of every head reads the same input, so concatenating their weights
-        along the output channels gives each head's outputs unchanged, and BatchNorm is per channel.
-        The running statistics are updated in the concatenation and copied back to every head's BN.
-        """
-        projs = [self.proj[i][j] for j in heads]
-        convs, bns = [p[0] for p in projs], [p[1] for p in projs]
-        alike = all(
-            bn.track_running_stats and bn.momentum is not None and (bn.momentum, bn.eps) == (bns[0].momentum, bns[0].eps)
-            for bn in bns
-        )
-        if len(projs) == 1 or not self.batch_heads or not alike:
-            return [proj(source) for proj in projs]
-        mids = [c.out_channels for c in convs]
-        hidden = F.conv2d(source, torch.cat([c.weight for c in convs]))
-        update = self.training
-        if update:
-            with torch.no_grad():
-                for bn in bns:
-                    bn.num_batches_tracked.add_(1)
-        stats = [torch.cat([getattr(bn, name) for bn in bns]) for name in ("running_mean", "running_var")]
-        hidden = F.batch_norm(
-            hidden, *stats, torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns]),
-            training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
-        )  # fmt: skip
-        if update:
-            with torch.no_grad():
-                for name, stat in zip(("running_mean", "running_var"), stats):
-                    for bn, part in zip(bns, stat.split(mids)):
-                        getattr(bn, name).copy_(part)
-        hidden = projs[0][2](hidden)  # the ReLU
-        return [proj[3:](part) for proj, part in zip(projs, hidden.split(mids, dim=1))]
 
     def extra_metrics(self) -> dict[str, float]:
         """Batch-mean attention of every (student i, teacher j) pair of the last forward."""
