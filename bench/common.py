@@ -76,6 +76,39 @@ class CpuMonitor:
         return {"foreign_cores": round(foreign / wall, 3), "own_cores": round(own / wall, 3)}
 
 
+class Interleaved:
+    """Times several callables in turn -- call ``k`` of each back to back -- so that load hits all alike.
+
+    ``times[name]`` (ms) and ``foreign[name]`` (other processes' cores, see ``CpuMonitor``) hold the
+    calls after ``warmup``; ``first[name]`` is each callable's first return value. ``rotate`` starts
+    round ``k`` at the ``k``-th callable.
+    """
+
+    def __init__(self, runners: dict[str, Any], iters: int, warmup: int, rotate: bool = False):
+        names = list(runners)
+        self.times: dict[str, list[float]] = {n: [] for n in names}
+        self.foreign: dict[str, list[float]] = {n: [] for n in names}
+        self.first: dict[str, Any] = {}
+        self.load_start = load_avg()
+        for it in range(warmup + iters):
+            order = names[it % len(names):] + names[: it % len(names)] if rotate else names
+            for name in order:
+                monitor = CpuMonitor().start()
+                started = time.perf_counter()
+                out = runners[name]()
+                elapsed = time.perf_counter() - started
+                self.first.setdefault(name, out)
+                if it >= warmup:
+                    self.times[name].append(elapsed * 1e3)
+                    self.foreign[name].append(monitor.stop().get("foreign_cores", float("nan")))
+        self.load_end = load_avg()
+
+    def load_line(self) -> str:
+        """Load averages before / after and the median foreign cores of each callable, as one line."""
+        return (f"load avg {self.load_start} -> {self.load_end}; other processes' cores (median per variant): "
+                + ", ".join(f"{n} {summary(v)['median']:.2f}" for n, v in self.foreign.items()))
+
+
 def wait_for_idle(max_foreign_cores: float, timeout_s: float, probe_s: float = 2.0) -> float:
     """Wait (up to ``timeout_s``) until other processes use fewer than ``max_foreign_cores`` cores.
 

@@ -14,16 +14,16 @@ round; the median of those paired ratios is the speed-up, robust to slow drift o
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import CpuMonitor, fmt_summary, load_avg, save_result, summary  # noqa: E402
+from bench.common import Interleaved, fmt_summary, save_result, summary  # noqa: E402
 from bench.step import build, parser  # noqa: E402
 
 DEFAULT = "--reference|(default)|--teacher-layout student --no-fold|--no-fold|--channels-last"
@@ -51,35 +51,21 @@ def main() -> None:
         index = torch.randint(0, 50_000, (opts.batch,), generator=gen)
         inputs[name] = (x, y, index)
 
-    times = {n: [] for n in names}
-    foreign = {n: [] for n in names}
-    first_losses = {}
-    load_start = load_avg()
-    for it in range(args.warmup + args.iters):
-        order = names[it % len(names):] + names[: it % len(names)]
-        for name in order:
-            monitor = CpuMonitor().start()
-            started = time.perf_counter()
-            losses = steps[name](*inputs[name])
-            elapsed = time.perf_counter() - started
-            first_losses.setdefault(name, losses)
-            if it >= args.warmup:
-                times[name].append(elapsed * 1e3)
-                foreign[name].append(monitor.stop().get("foreign_cores", float("nan")))
-
+    run = Interleaved({n: functools.partial(steps[n], *inputs[n]) for n in names}, args.iters, args.warmup,
+                      rotate=True)
+    times, first_losses = run.times, run.first
     base = names[0]
     stats = {n: summary(t) for n, t in times.items()}
     paired = {n: summary([b / t for b, t in zip(times[base], times[n])]) for n in names}
     result = {"config": vars(args), "ms": stats, "ms_all": times, "speedup_vs_first_paired": paired,
-              "first_losses": first_losses, "foreign_cores_all": foreign,
-              "load_avg_start": load_start, "load_avg_end": load_avg(), "torch_threads": torch.get_num_threads()}
+              "first_losses": first_losses, "foreign_cores_all": run.foreign,
+              "load_avg_start": run.load_start, "load_avg_end": run.load_end, "torch_threads": torch.get_num_threads()}
     print(f"{len(names)} configurations interleaved, {args.iters} iterations each after {args.warmup} warm-up, "
           f"{args.threads} threads; speed-up = median over rounds of ({base!r} time / this time)")
     for n in names:
         print(f"  {n:40s} {fmt_summary(stats[n], digits=0)}  x{paired[n]['median']:.3f} "
               f"(rounds {paired[n]['min']:.3f}-{paired[n]['max']:.3f}); first loss {first_losses[n]['total']:.6g}")
-    print(f"  load avg {load_start} -> {result['load_avg_end']}; other processes' cores (median per config): "
-          + ", ".join(f"{summary(v)['median']:.2f}" for v in foreign.values()))
+    print(f"  {run.load_line()}")
     print(f"  saved {save_result('interleaved_step', result)}")
 
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import CpuMonitor, fmt_summary, load_avg, save_result, summary  # noqa: E402
+from bench.common import Interleaved, fmt_summary, save_result, summary  # noqa: E402
 
 
 def features(teacher, student, x, amp: bool, channels_last: bool):
@@ -89,23 +88,11 @@ def main() -> None:
     runners = {"reference": run_reference, "ours_fp32": run_ours(feats_ours32, False),
                "ours_bf16": run_ours(feats_bf16, True)}
     names = [v for v in args.variants.split(",") if v]
-    times = {n: [] for n in names}
-    foreign = {n: [] for n in names}
-    losses = {}
-    load_start = load_avg()
-    for it in range(args.warmup + args.iters):
-        for n in names:
-            monitor = CpuMonitor().start()
-            started = time.perf_counter()
-            losses[n] = runners[n]()
-            elapsed = time.perf_counter() - started
-            if it >= args.warmup:
-                times[n].append(elapsed * 1e3)
-                foreign[n].append(monitor.stop().get("foreign_cores", float("nan")))
-
-    stats = {n: summary(t) for n, t in times.items()}
-    result = {"config": vars(args), "ms": stats, "ms_all": times, "foreign_cores_all": foreign,
-              "loss": losses, "load_avg_start": load_start, "load_avg_end": load_avg()}
+    run = Interleaved({n: runners[n] for n in names}, args.iters, args.warmup)
+    losses = run.first
+    stats = {n: summary(t) for n, t in run.times.items()}
+    result = {"config": vars(args), "ms": stats, "ms_all": run.times, "foreign_cores_all": run.foreign,
+              "loss": losses, "load_avg_start": run.load_start, "load_avg_end": run.load_end}
     print(f"SemCKD module fwd+bwd, {args.teacher} -> {args.student}, batch {args.batch}, "
           f"{args.threads} threads{', channels_last' if args.channels_last else ''}")
     for n in names:
@@ -118,8 +105,7 @@ def main() -> None:
         rel = abs(losses["ours_bf16"] - losses["ours_fp32"]) / abs(losses["ours_fp32"])
         result["bf16_loss_rel_diff"] = rel
         print(f"  bf16 vs fp32 loss: relative difference {rel:.2%}")
-    print(f"  load avg {load_start} -> {result['load_avg_end']}; other processes' cores (median per variant): "
-          + ", ".join(f"{n} {summary(v)['median']:.2f}" for n, v in foreign.items()))
+    print(f"  {run.load_line()}")
     print(f"  saved {save_result('semckd_module', result)}")
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import CpuMonitor, fmt_summary, load_avg, save_result, summary  # noqa: E402
+from bench.common import Interleaved, fmt_summary, save_result, summary  # noqa: E402
 
 
 def frozen(name: str, seed: int) -> torch.nn.Module:
@@ -91,26 +91,19 @@ def main() -> None:
             logits, feats = model(x.contiguous(memory_format=fmt))
         errors[name] = [rel(a, b) for a, b in zip([logits, *feats], [truth[0], *truth[1]])]
 
-    times = {n: [] for n in variants}
-    foreign = {n: [] for n in variants}
-    load_start = load_avg()
-    for it in range(args.warmup + args.iters):
-        for name, (model, mode, fmt) in variants.items():
-            monitor = CpuMonitor().start()
-            started = time.perf_counter()
+    def forward(model, mode, fmt):
+        def go():
             with mode():
                 model(x.contiguous(memory_format=fmt))
-            elapsed = time.perf_counter() - started
-            if it >= args.warmup:
-                times[name].append(elapsed * 1e3)
-                foreign[name].append(monitor.stop().get("foreign_cores", float("nan")))
+        return go
 
-    stats = {n: summary(t) for n, t in times.items()}
+    run = Interleaved({n: forward(*v) for n, v in variants.items()}, args.iters, args.warmup)
+    stats = {n: summary(t) for n, t in run.times.items()}
     base = stats["no_grad"]["median"]
-    result = {"config": vars(args), "ms": stats, "ms_all": times, "foreign_cores_all": foreign,
+    result = {"config": vars(args), "ms": stats, "ms_all": run.times, "foreign_cores_all": run.foreign,
               "speedup_vs_no_grad_median": {n: base / s["median"] for n, s in stats.items()},
               "relative_error_vs_float64": errors, "compile_s": compile_s,
-              "load_avg_start": load_start, "load_avg_end": load_avg()}
+              "load_avg_start": run.load_start, "load_avg_end": run.load_end}
     print(f"teacher {args.teacher} forward, batch {args.batch}, {args.threads} threads, "
           f"{args.iters} iterations after {args.warmup} warm-up, interleaved")
     for n, s in stats.items():
@@ -119,8 +112,7 @@ def main() -> None:
               f"worst relative error vs float64 {worst:.1e}")
     if compile_s is not None:
         print(f"  compile (first call): {compile_s:.1f} s")
-    print(f"  load avg {load_start} -> {result['load_avg_end']}; other processes' cores (median per variant): "
-          + ", ".join(f"{n} {summary(v)['median']:.2f}" for n, v in foreign.items()))
+    print(f"  {run.load_line()}")
     print(f"  saved {save_result('teacher_forward', result)}")
 
 
