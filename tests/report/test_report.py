@@ -139,12 +139,19 @@ def test_cells_are_mean_and_std_over_seeds_of_the_runs_that_count(store):
 
 
 def test_ari_follows_the_papers_definition(store):
-    table = _table(store)
-    sem, kd, stu = (float(table[r]["mean"]) for r in ("semckd", "kd", "student"))
+    # From MLflow's own numbers: table.csv's 4-decimal means would move a ratio over a small kd - student.
+    runs = store["runs"]
+    sem = statistics.fmean([_metric(store, runs["semckd"]), _metric(store, runs["best_trial"])])
+    kd = statistics.fmean([_metric(store, r) for r in runs["kd"]])
+    stu = _metric(store, runs["student"])
     with open(store["out"] / "ari.csv") as f:
         (line,) = list(csv.DictReader(f))
-    assert line["method"] == "kd" and line["pairs"] == "1"
-    assert float(line["ari_percent"]) == pytest.approx(100 * (sem - kd) / (kd - stu), abs=0.01)
+    assert line["method"] == "kd"
+    if kd == stu:  # the paper's ratio is undefined: the pair is left out
+        assert (line["pairs"], line["ari_percent"]) == ("0", "")
+    else:
+        assert line["pairs"] == "1"
+        assert float(line["ari_percent"]) == pytest.approx(100 * (sem - kd) / (kd - stu), abs=0.005 + 1e-9)
 
 
 def test_ari_reproduces_the_papers_column_from_its_table():
