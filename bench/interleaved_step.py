@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import Interleaved, fmt_summary, save_result, summary  # noqa: E402
-from bench.step import build, parser  # noqa: E402
+from bench.step import batch, build, parser  # noqa: E402
 
 DEFAULT = "--reference|(default)|--teacher-layout student --no-fold|--no-fold|--channels-last"
 
@@ -44,12 +44,7 @@ def main() -> None:
     for name in names:
         opts = parser().parse_args(shlex.split(args.common) + ([] if name == "(default)" else shlex.split(name)))
         steps[name] = build(opts, device)
-        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
-        gen = torch.Generator().manual_seed(opts.seed + 1)
-        x = torch.randn(opts.batch, 3, 32, 32, generator=gen).to(device, memory_format=fmt)
-        y = torch.randint(0, opts.num_classes, (opts.batch,), generator=gen)
-        index = torch.randint(0, 50_000, (opts.batch,), generator=gen)
-        inputs[name] = (x, y, index)
+        inputs[name] = batch(opts, device)
 
     run = Interleaved({n: functools.partial(steps[n], *inputs[n]) for n in names}, args.iters, args.warmup,
                       rotate=True)

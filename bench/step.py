@@ -95,17 +95,23 @@ def build(args, device: torch.device):
     return step
 
 
+def batch(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random CIFAR-sized batch every iteration of the configuration in ``args`` trains on."""
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device, memory_format=memory_format)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
+    index = torch.randint(0, 50_000, (args.batch,), generator=gen).to(device)
+    return x, y, index
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     step = build(args, device)
     rss_after_build = peak_rss_mb()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device, memory_format=memory_format)
-    y = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
-    index = torch.randint(0, 50_000, (args.batch,), generator=gen).to(device)
+    x, y, index = batch(args, device)
 
     def sync():
         if device.type == "cuda":

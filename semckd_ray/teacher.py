@@ -59,7 +59,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
                 seq[k], seq[k + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
     try:
-        return fuse(model)
+        return fuse(model, inplace=True)  # on our copy
     except torch.fx.proxy.TraceError:
         return model
 
@@ -78,7 +78,6 @@ class FrozenTeacher(nn.Module):
     def __init__(self, model: nn.Module, memory_format: torch.memory_format = torch.channels_last,
                  feature_format: torch.memory_format = torch.contiguous_format, fold: bool = True):
         super().__init__()
-        model = model.eval().requires_grad_(False)
         if fold:
             model = fold_batchnorm(model)
         self.model = model.to(memory_format=memory_format).eval().requires_grad_(False)
