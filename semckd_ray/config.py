@@ -91,8 +91,17 @@ class MethodConfig(_Section):
 
 class OptimConfig(_Section):
     epochs: int = Field(default=240, ge=1)
-    batch_size: int = Field(default=64, ge=2)  # per worker; SemCKD's MLPs are built for it
+    # The global batch, as in the official code: each of N workers trains on batch_size / N, and
+    # SemCKD's query/key MLPs are built for that per-worker batch (train_student.py divides
+    # --batch_size by the number of GPUs before it builds them).
+    batch_size: int = Field(default=64, ge=2)
     lr: float | None = Field(default=None, gt=0)  # None: 0.05, or 0.01 for MobileNetV2/ShuffleNets
+    # For a global batch other than the recipe's: "linear" scales the lr by batch_size /
+    # lr_reference_batch (Goyal et al. 2017), reached by a linear ramp over warmup_epochs. The
+    # official recipe is "none": its lr does not depend on the number of GPUs.
+    lr_scaling: Literal["none", "linear"] = "none"
+    lr_reference_batch: int = Field(default=64, ge=1)  # the global batch the lr is given for
+    warmup_epochs: int = Field(default=0, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     lr_decay_epochs: list[int] = Field(default_factory=lambda: [150, 180, 210])
@@ -119,6 +128,9 @@ class ScalingConfig(_Section):
     # device (its forward is exact in either layout and faster in channels_last: bench/README.md).
     teacher_channels_last: bool | None = None
     compile: bool = False
+    # SyncBatchNorm: batch statistics over the global batch (GPU only, as in PyTorch). Off, as in
+    # the official code, where each GPU normalises its own share of the batch.
+    sync_bn: bool = False
     max_failures: int = Field(default=3, ge=-1)  # worker failures a run recovers from
 
     def channels_last_enabled(self) -> bool:
@@ -172,20 +184,61 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> TrainConfig:
+        batch, workers = self.optim.batch_size, self.scaling.num_workers
+        if batch % workers:
+            lower, upper = batch // workers * workers, (batch // workers + 1) * workers
+            nearest = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ValueError(
+                f"optim.batch_size={batch} (the global batch) is not divisible by "
+                f"scaling.num_workers={workers}: each worker trains on batch_size / num_workers "
+                f"images; use a multiple of {workers}, e.g. {nearest}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _method_fits_batch(self) -> TrainConfig:
         from semckd_ray.distill import get_method_class, make_options
 
         cls = get_method_class(self.method.name)
         try:
-            cls.check_batch_size(make_options(self.method.name, self.method.options), self.optim.batch_size)
+            cls.check_batch_size(make_options(self.method.name, self.method.options), self.per_worker_batch())
         except UserError as exc:
-            raise ValueError(f"method.options / optim.batch_size: {exc}") from None
+            raise ValueError(
+                f"method.options / optim.batch_size: {exc} (the per-worker batch: optim.batch_size="
+                f"{self.optim.batch_size} over scaling.num_workers={self.scaling.num_workers})"
+            ) from None
         return self
 
+    @model_validator(mode="after")
+    def _sync_bn_on_gpu(self) -> TrainConfig:
+        if self.scaling.sync_bn and not self.scaling.use_gpu:
+            raise ValueError("scaling.sync_bn needs scaling.use_gpu: true (PyTorch's SyncBatchNorm runs on "
+                             "GPUs only); on CPU every rank's BatchNorm statistics are rank 0's at each evaluation")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_needs_scaling(self) -> TrainConfig:
+        if self.optim.warmup_epochs and self.optim.lr_scaling == "none":
+            raise ValueError("optim.warmup_epochs ramps the lr up to its linearly scaled value: "
+                             "set optim.lr_scaling: linear, or optim.warmup_epochs: 0")
+        return self
+
+    def per_worker_batch(self) -> int:
+        """What each worker trains on per step: the global batch over the workers."""
+        return self.optim.batch_size // self.scaling.num_workers
+
     def base_lr(self) -> float:
+        """The recipe's lr, for ``optim.lr_reference_batch`` (the official recipe: for any batch)."""
         if self.optim.lr is not None:
             return self.optim.lr
         return 0.01 if self.student.model in SMALL_LR_MODELS else 0.05
+
+    def peak_lr(self) -> float:
+        """The lr after warm-up and before the first decay: ``base_lr``, linearly scaled if asked."""
+        if self.optim.lr_scaling == "linear":
+            return self.base_lr() * self.optim.batch_size / self.optim.lr_reference_batch
+        return self.base_lr()
 
     def beta(self) -> float:
         from semckd_ray.distill import get_method_class

@@ -10,6 +10,7 @@ bit-exactly on CPU (model, method modules, optimizer, epoch, RNG states, best-so
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -46,6 +47,8 @@ class Reporter(Protocol):
 
     def latest_checkpoint(self) -> str | None: ...
 
+    def node(self) -> str: ...
+
 
 class LocalReporter:
     """Keeps reported metrics in memory and checkpoints in a folder: world size 1 without Ray."""
@@ -68,32 +71,51 @@ class LocalReporter:
         found = sorted(self.root.glob("epoch_*"))
         return str(found[-1]) if found else None
 
+    def node(self) -> str:
+        import socket
+
+        return socket.gethostname()
+
 
 @dataclass
 class WorkerEnv:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    local_rank: int = 0  # rank among the workers of this node
 
     @classmethod
     def detect(cls, use_gpu: bool) -> WorkerEnv:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Ray Train's torch backend
         if use_gpu:
             if not torch.cuda.is_available():
                 raise UserError("scaling.use_gpu is true but this worker sees no CUDA device")
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
-        return cls(rank=rank, world_size=world, device=device)
+        return cls(rank=rank, world_size=world, device=device, local_rank=local_rank)
+
+
+def worker_seed(seed: int, rank: int, *more: int) -> int:
+    """The seed of rank ``rank``'s own random stream (CRD's negatives): unrelated across ranks."""
+    import numpy as np
+
+    return int(np.random.SeedSequence((seed, rank, *more)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Step schedule of the official code: x rate once per milestone passed (epochs are 1-based)."""
+    """Step schedule of the official code: x rate once per milestone passed (epochs are 1-based).
+
+    With ``optim.warmup_epochs`` W, epochs 1..W ramp linearly from ``base_lr`` to ``peak_lr``.
+    """
+    warmup = cfg.optim.warmup_epochs
+    if epoch <= warmup:
+        return cfg.base_lr() + (cfg.peak_lr() - cfg.base_lr()) * epoch / warmup
     passed = sum(epoch > m for m in cfg.optim.lr_decay_epochs)
-    return cfg.base_lr() * cfg.optim.lr_decay_rate**passed
+    return cfg.peak_lr() * cfg.optim.lr_decay_rate**passed
 
 
 def accuracy_counts(logits: Tensor, target: Tensor, topk=(1, 5)) -> list[int]:
@@ -109,6 +131,46 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics), as DDP does before a forward."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    buffers = [b for b in module.buffers() if b.numel()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for b in group:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _prepare_data(cfg: TrainConfig, env: WorkerEnv) -> None:
+    """Download once per node (its local rank 0) while the other ranks wait; one failure stops all."""
+    from semckd_ray.data import prepare_dataset
+
+    error = None
+    if env.local_rank == 0:
+        try:
+            prepare_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download)
+        except UserError as exc:
+            error = str(exc)
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        raise UserError(error or f"preparing the dataset failed on another node: {errors[0]}")
 
 
 @torch.no_grad()
@@ -169,20 +231,21 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     channels_last = cfg.scaling.channels_last_enabled()
     method_cls = get_method_class(cfg.method.name)
 
-    # ---- data: each worker reads its own shard
-    splits = load_dataset(
-        cfg.data.dataset, cfg.data.root, download=cfg.data.download and env.rank == 0,
-        val_size=cfg.data.val_size, seed=cfg.seed,
-    )
+    # ---- data: each worker reads its own shard of the global batch
+    if cfg.data.download:
+        _prepare_data(cfg, env)
+    splits = load_dataset(cfg.data.dataset, cfg.data.root, download=False, val_size=cfg.data.val_size,
+                          seed=cfg.seed)
+    batch = cfg.per_worker_batch()
     placement = dict(device=env.device, channels_last=channels_last,
                      keep_on_device=env.device.type == "cuda", pin_memory=env.device.type == "cuda")
     shard = dict(rank=env.rank, world_size=env.world_size)
-    train_batches = train_loader(splits, cfg.optim.batch_size, seed=cfg.seed,
+    train_batches = train_loader(splits, batch, seed=cfg.seed,
                                  drop_last=method_cls.requires_fixed_batch, **shard, **placement)
     if len(train_batches) == 0:
         raise UserError(
-            f"the training split's shard ({len(splits.train.labels)} images over {env.world_size} "
-            f"worker(s)) is smaller than one batch of optim.batch_size={cfg.optim.batch_size}"
+            f"the training split ({len(splits.train.labels)} images) is smaller than one global batch "
+            f"of optim.batch_size={cfg.optim.batch_size}"
         )
     val_batches = eval_loader(splits, "val", cfg.data.eval_batch_size, **shard, **placement)
     test_batches = eval_loader(splits, "test", cfg.data.eval_batch_size, **shard, **placement)
@@ -190,7 +253,10 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     # ---- models: same seed on every rank, so every rank starts from the same weights
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    student = create_model(cfg.student.model, num_classes=splits.num_classes).to(env.device, memory_format=memory_format)
+    student = create_model(cfg.student.model, num_classes=splits.num_classes)
+    if cfg.scaling.sync_bn and env.world_size > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student = student.to(env.device, memory_format=memory_format)
     teacher = None
     if cfg.teacher is not None:
         teacher = FrozenTeacher(
@@ -201,18 +267,24 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     ctx = DistillContext(
         student_shapes=feature_shapes(student, env.device),
         teacher_shapes=feature_shapes(teacher, env.device) if teacher is not None else (),
-        batch_size=cfg.optim.batch_size,
+        batch_size=batch,
         num_classes=splits.num_classes,
         num_train=len(splits.train.labels),
         train_labels=splits.train.labels,
     )
-    method = create_method(cfg.method.name, ctx, cfg.method.options).to(env.device, memory_format=memory_format)
+    method = create_method(cfg.method.name, ctx, cfg.method.options)
+    if cfg.scaling.sync_bn and env.world_size > 1:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    method = method.to(env.device, memory_format=memory_format)
+    # From here on each rank draws its own random numbers (CRD's negatives); the data pipeline
+    # has generators of its own, keyed by rank.
+    torch.manual_seed(worker_seed(cfg.seed, env.rank))
     # Methods with a layer attention (SemCKD) get it measured on the validation split every epoch.
-    attention_batches = (attention_loader(splits, cfg.optim.batch_size, **shard, **placement)
+    attention_batches = (attention_loader(splits, batch, **shard, **placement)
                          if has_attention(method) else None)
     distiller = Distiller(student, method, gamma=cfg.method.gamma, alpha=cfg.method.alpha,
                           beta=cfg.beta(), kd_temperature=cfg.method.kd_temperature)
-    optimizer = torch.optim.SGD(distiller.parameters(), lr=cfg.base_lr(), momentum=cfg.optim.momentum,
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=lr_at(cfg, 1), momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
 
     state = TrainingState()
@@ -224,16 +296,23 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             print(f"[semckd-ray] resuming after epoch {state.epoch} from {resume_dir}", flush=True)
 
     model = distiller
+    sync_student = None
     if env.world_size > 1:
         # CRD keeps its memory bank consistent itself; broadcasting it every step would cost ~50 MB.
+        # The student's BatchNorm statistics get what DDP would give them: rank 0's, before each step.
         ddp_options = {"forward_sync_buffers": False} if method_cls.syncs_own_buffers else {}
+        if method_cls.syncs_own_buffers:
+            sync_student = functools.partial(broadcast_buffers, distiller.student)
         model = nn.parallel.DistributedDataParallel(
             distiller, device_ids=[env.device.index] if env.device.type == "cuda" else None, **ddp_options
         )
     if cfg.scaling.compile:
         model = torch.compile(model)
 
+    nodes = _gather(reporter.node())
     tracker = _Tracker(tracking_uri, run_id) if env.rank == 0 and run_id else None
+    if tracker is not None:
+        tracker.logger.set_tag("worker_nodes", ",".join(nodes))
     final: dict[str, float] = {}
     for epoch in range(state.epoch + 1, cfg.optim.epochs + 1):
         lr = lr_at(cfg, epoch)
@@ -241,10 +320,13 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             group["lr"] = lr
         train_batches.set_epoch(epoch)
         started = time.perf_counter()
-        train_metrics = _train_epoch(model, teacher, train_batches, optimizer, env, amp, method_cls.needs_index)
+        train_metrics = _train_epoch(model, teacher, train_batches, optimizer, env, amp, method_cls.needs_index,
+                                     before_step=sync_student)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         seconds = time.perf_counter() - started
+        # One model, one number: every rank evaluates, and rank 0 saves, rank 0's BatchNorm statistics.
+        broadcast_buffers(distiller.student if method_cls.syncs_own_buffers else distiller)
 
         val = evaluate(student, val_batches, env, amp)
         attention = None
@@ -257,10 +339,11 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             state.best_val_top1, state.best_epoch = val["top1"], epoch
             test = evaluate(student, test_batches, env, amp)
             state.test_top1_at_best, state.test_top5_at_best = test["top1"], test["top5"]
-            best_weights = _weights(distiller, epoch)
+            best_weights = _weights(distiller, epoch, cfg)
         metrics = {
             "epoch": epoch,
             "lr": lr,
+            "train_steps": train_metrics.pop("steps"),
             "epoch_seconds": seconds,
             "images_per_s": train_metrics.pop("images") / seconds,
             **{f"train_{k}": v for k, v in train_metrics.items()},
@@ -273,7 +356,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             if not val:  # no validation split: the last epoch is the selected one
                 state.best_epoch = epoch
                 state.test_top1_at_best, state.test_top5_at_best = test_last["top1"], test_last["top5"]
-                best_weights = _weights(distiller, epoch)
+                best_weights = _weights(distiller, epoch, cfg)
             metrics.update(
                 test_top1_last=test_last["top1"], test_top5_last=test_last["top5"],
                 test_top1_at_best_val=state.test_top1_at_best, test_top5_at_best_val=state.test_top5_at_best,
@@ -296,8 +379,9 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         save = last or epoch % cfg.checkpoint.every == 0
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint_dir = None
+            rng = _gather(_rng_state(env)) if save else None  # every rank's own stream
             if save and env.rank == 0:
-                _save(Path(tmp), cfg, distiller, optimizer, state, best_weights, env)
+                _save(Path(tmp), cfg, distiller, optimizer, state, best_weights, rng)
                 checkpoint_dir = tmp
             if tracker is not None:
                 tracker.epoch(metrics, epoch)
@@ -332,14 +416,18 @@ def train_step(model, teacher, optimizer, x: Tensor, y: Tensor, index: Tensor | 
     return logits, losses
 
 
-def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, needs_index: bool) -> dict[str, float]:
+def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, needs_index: bool,
+                 before_step=None) -> dict[str, float]:
     """One pass over this worker's shard; loss sums stay on the device until the epoch ends."""
     model.train()
     sums: dict[str, Tensor] = {}
     correct = torch.zeros(2, dtype=torch.float64, device=env.device)
-    seen = 0
+    seen = steps = 0
     for x, y, index in loader:
+        if before_step is not None:
+            before_step()
         logits, losses = train_step(model, teacher, optimizer, x, y, index if needs_index else None, env.device, amp)
+        steps += 1
         n = y.numel()
         with torch.no_grad():
             for name, value in losses.items():
@@ -356,13 +444,15 @@ def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, n
     out["top1"] = 100.0 * totals[-3] / seen_all
     out["top5"] = 100.0 * totals[-2] / seen_all
     out["images"] = seen_all
+    out["steps"] = steps  # optimizer steps: every rank takes the same number
     return out
 
 
-def _weights(distiller: Distiller, epoch: int) -> dict[str, Any]:
-    """The student in the official checkpoint format, with the method's modules beside it."""
+def _weights(distiller: Distiller, epoch: int, cfg: TrainConfig) -> dict[str, Any]:
+    """The student in the official checkpoint format, with the method's modules and the config beside it."""
     return {
         "format": CHECKPOINT_FORMAT,
+        "config": cfg.model_dump(mode="json"),
         "epoch": epoch,
         "model": {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()},
         "method": {k: v.detach().cpu().clone() for k, v in distiller.method.state_dict().items()},
@@ -377,7 +467,7 @@ def _rng_state(env: WorkerEnv) -> dict[str, Tensor]:
 
 
 def _save(folder: Path, cfg: TrainConfig, distiller, optimizer, state: TrainingState,
-          best_weights, env: WorkerEnv) -> None:
+          best_weights, rng: list[dict[str, Tensor]]) -> None:
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
@@ -386,7 +476,8 @@ def _save(folder: Path, cfg: TrainConfig, distiller, optimizer, state: TrainingS
             "method": distiller.method.state_dict(),
             "optimizer": optimizer.state_dict(),
             "state": vars(state).copy(),
-            "rng": _rng_state(env),
+            "rng": rng[0],
+            "rng_ranks": rng,
         },
         folder / STATE_FILE,
     )
@@ -399,9 +490,14 @@ def _restore(folder: Path, distiller, optimizer, env: WorkerEnv):
     distiller.student.load_state_dict(blob["model"])
     distiller.method.load_state_dict(blob["method"])
     optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    if "cuda" in blob["rng"] and env.device.type == "cuda":
-        torch.cuda.set_rng_state(blob["rng"]["cuda"], env.device)
+    ranks = blob.get("rng_ranks", [blob["rng"]])
+    if len(ranks) == env.world_size:
+        rng = ranks[env.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and env.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], env.device)
+    else:  # resumed at another world size: a fresh stream per rank and epoch
+        torch.manual_seed(worker_seed(blob["config"]["seed"], env.rank, blob["state"]["epoch"]))
     best = None
     if (folder / BEST_FILE).exists():
         best = torch.load(folder / BEST_FILE, map_location="cpu", weights_only=True)
@@ -447,7 +543,7 @@ class _Tracker:
 
         folder = self.folder
         last_path = folder / "last.pt"
-        torch.save(_weights(distiller, cfg.optim.epochs), last_path)
+        torch.save(_weights(distiller, cfg.optim.epochs, cfg), last_path)
         paths = {"last": last_path}
         if best_weights is not None:
             best_path = folder / "best_model.pt"

@@ -83,8 +83,14 @@ def cluster_capacity() -> dict[str, float]:
     return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
 
-def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once: int = 1) -> None:
-    """Workers the cluster cannot hold would wait forever: say so instead."""
+def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once: int = 1,
+                    *, nodes: list[dict[str, Any]] | None = None) -> None:
+    """Workers the cluster cannot hold would wait forever: say so instead.
+
+    ``nodes`` (the alive ones of ``ray.nodes()``): besides the totals, one worker must fit on one node.
+    """
+    from semckd_ray.nodes import can_host_worker
+
     need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     need_gpu = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
     have_cpu, have_gpu = capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)
@@ -95,32 +101,29 @@ def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once
     if need_gpu > have_gpu:
         problems.append(f"{need_gpu} GPUs (one per worker, scaling.num_workers={cfg.scaling.num_workers}) "
                         f"but the cluster has {have_gpu:g}")
+    if nodes and not any(can_host_worker(n, cfg.scaling) for n in nodes):
+        first = ("GPU", "CPU") if cfg.scaling.use_gpu else ("CPU", "GPU")
+        largest = max((n.get("Resources", {}) for n in nodes), key=lambda r: [r.get(k, 0.0) for k in first])
+        gpu = " and 1 GPU" if cfg.scaling.use_gpu else ""
+        problems.append(f"{cfg.scaling.cpus_per_worker:g} CPUs{gpu} on one node for each worker "
+                        f"(scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g}"
+                        f"{', scaling.use_gpu=true' if gpu else ''}) but the largest node has "
+                        f"{largest.get('CPU', 0.0):g} CPUs and {largest.get('GPU', 0.0):g} GPUs")
     if problems:
         raise UserError(
             "the run needs " + "; and ".join(problems) + ". Lower scaling.num_workers or "
-            "scaling.cpus_per_worker, set scaling.use_gpu=false, or add nodes to the cluster."
+            "scaling.cpus_per_worker, set scaling.use_gpu=false, or add nodes to the cluster "
+            "(large enough for one worker each)."
         )
 
 
 def storage_path(cfg: TrainConfig) -> str:
-    """Where Ray keeps checkpoints: shared storage on a multi-node cluster, else a local folder."""
-    import ray
+    """Where Ray keeps checkpoints: on a multi-node cluster, object storage or a folder checked to be
+    shared by every node (``semckd_ray.nodes.storage_path``); on one node, a local folder."""
+    from semckd_ray.nodes import alive_nodes
+    from semckd_ray.nodes import storage_path as checked_storage_path
 
-    configured = cfg.tracking.storage_path
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and (configured is None or not _is_shared(configured)):
-        raise UserError(
-            f"tracking.storage_path={configured!r} is local, but this Ray cluster has {len(nodes)} nodes: "
-            "checkpoints must be on storage every node reaches. Set tracking.storage_path to an "
-            "absolute path on shared storage (NFS) or to s3://bucket/prefix (or gs://)."
-        )
-    if configured is None:
-        return str(Path.cwd().resolve() / RAY_RESULTS_DIR)
-    return configured if "://" in configured else str(Path(configured).resolve())
-
-
-def _is_shared(path: str) -> bool:
-    return "://" in path or Path(path).is_absolute()
+    return checked_storage_path(cfg, alive_nodes())
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,19 +131,29 @@ def _is_shared(path: str) -> bool:
 
 
 def preflight(cfg: TrainConfig) -> TrainConfig:
-    """Resolve the tracking URI and check dataset, teacher and tracking store; return the config to run."""
-    from semckd_ray.data import load_dataset
+    """Resolve the tracking URI and check dataset, teacher and tracking store; return the config to run.
+
+    The dataset is checked here only when this machine will be the cluster (no ``RAY_ADDRESS``:
+    Ray starts here), downloading it if allowed; on an existing cluster the nodes that host
+    workers check it themselves (``semckd_ray.nodes.check_cluster``), and this one may hold none.
+    """
+    import sys
+
+    from semckd_ray.data import check_dataset, check_val_size, num_classes, prepare_dataset
     from semckd_ray.teacher import load_teacher
 
     cfg = cfg.model_copy(deep=True)
     cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(cfg.tracking.uri)
-    num_classes = load_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download,
-                               val_size=cfg.data.val_size, seed=cfg.seed).num_classes
+    check_val_size(cfg.data.dataset, cfg.data.val_size)
+    ray_started = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if not os.environ.get("RAY_ADDRESS") and not ray_started:
+        check = prepare_dataset if cfg.data.download else check_dataset
+        check(cfg.data.dataset, cfg.data.root, cfg.data.download)
     if cfg.teacher is not None:
         import torch
 
-        load_teacher(cfg.teacher, num_classes, torch.device("cpu"), cfg.tracking.uri)
+        load_teacher(cfg.teacher, num_classes(cfg.data.dataset), torch.device("cpu"), cfg.tracking.uri)
     return cfg
 
 
@@ -172,7 +185,9 @@ def start_run(cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[
     logger = tracking.RunLogger(cfg.tracking.uri, run.info.run_id)
     params = flatten(cfg.model_dump(mode="json"))
     params["method.beta_effective"] = cfg.beta()
-    params["optim.lr_effective"] = cfg.base_lr()
+    params["optim.lr_effective"] = cfg.peak_lr()
+    params["optim.batch_size_per_worker"] = cfg.per_worker_batch()  # optim.batch_size is the global batch
+    params["scaling.world_size"] = cfg.scaling.num_workers
     logger.log_params(params)
     _log_config_file(logger, cfg)
     return run.info.run_id
@@ -215,6 +230,14 @@ class RayReporter:
 
         checkpoint = ray.train.get_checkpoint()
         return checkpoint.to_directory() if checkpoint is not None else None
+
+    def node(self) -> str:
+        """This worker's machine and Ray node: ``hostname/node id`` (its first 12 hex digits)."""
+        import socket
+
+        import ray
+
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
 
 
 def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbacks: list | None = None):
@@ -320,6 +343,7 @@ def find_finished_run(cfg: TrainConfig, digest: str) -> str | None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Everything ``python -m semckd_ray.train`` does: check, start Ray, run, close the run."""
+    from semckd_ray.nodes import alive_nodes, check_cluster
     from semckd_ray.teacher import ensure_teacher
 
     cfg = cfg.model_copy(deep=True)
@@ -327,8 +351,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     tracking.check_reachable(cfg.tracking.uri)
     cfg = preflight(ensure_teacher(cfg))
     ensure_ray()
-    check_resources(cfg, cluster_capacity())
-    storage_path(cfg)  # multi-node storage check before the run exists
+    check_resources(cfg, cluster_capacity(), nodes=alive_nodes())
+    check_cluster(cfg)  # tracking, storage and data as every node sees them, before the run exists
     run_id = start_run(cfg)
     result = fit(cfg, run_id=run_id)
     result.registered_model = register_model(cfg, run_id)

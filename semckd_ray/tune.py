@@ -215,8 +215,9 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from semckd_ray.nodes import alive_nodes, check_cluster
     from semckd_ray.teacher import ensure_teacher
-    from semckd_ray.trainer import check_resources, cluster_capacity, ensure_ray, preflight, storage_path
+    from semckd_ray.trainer import check_resources, cluster_capacity, ensure_ray, preflight
 
     search, base = parse_search(raw, config_dir)
     base.tracking.uri = tracking.resolve_tracking_uri(base.tracking.uri)
@@ -226,8 +227,10 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     raw = {**base.model_dump(mode="json"), "search": raw.get("search")}
     ensure_ray()
     capacity = cluster_capacity()
-    check_resources(base, capacity)
-    root = storage_path(base)
+    check_resources(base, capacity, nodes=alive_nodes())
+    root = check_cluster(base)  # tracking, storage and data as every node sees them, before any run
+    # The trials' trainers keep their checkpoints where this driver checked, not under their own cwd.
+    raw["tracking"]["storage_path"] = root
 
     per_trial_cpu = base.scaling.num_workers * base.scaling.cpus_per_worker
     fits = int(capacity.get("CPU", 0) // per_trial_cpu)

@@ -1,4 +1,4 @@
-"""Fixtures shared by the test suite: one Ray head for the session, a clean working directory."""
+"""Fixtures shared by the test suite: one two-node Ray cluster for the session, a clean working directory."""
 
 from __future__ import annotations
 
@@ -7,28 +7,46 @@ from pathlib import Path
 
 import pytest
 
-# Every Ray cluster the tests start is Ray's single-machine mode (servers on 127.0.0.1 only), and
-# a client must be in that mode too, from before Ray is first imported, to reach it.
+# A Ray instance a command starts on its own is Ray's single-machine mode (servers on 127.0.0.1
+# only), and a client must be in that mode too, from before Ray is first imported, to reach it.
+# The session's cluster (below) is in cluster mode, to have several nodes.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+CLUSTER_NODES = 2  # a head and one more node, one CPU each: the machine's two cores
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One Ray head node for the session, on 127.0.0.1; this process and subprocesses join it."""
+    """A Ray cluster of two nodes for the session, on 127.0.0.1; this process and subprocesses join it.
+
+    Two nodes of one CPU each: a two-worker training has its workers on different nodes, and a
+    sweep's concurrent trials run on different nodes, as on a real cluster.
+    """
     import shutil
     import tempfile
 
-    from servers import start_ray_head, stop_marked
+    from servers import StartError, start_ray_head, start_ray_worker_node, stop_marked, wait_until
 
     # A short path: Ray's Unix sockets live under the temp dir, and a socket path has ~107 bytes.
     root = Path(tempfile.mkdtemp(prefix="srh", dir="/tmp"))
     saved = dict(os.environ)
     try:
-        head = start_ray_head(root)
+        head = start_ray_head(root, num_cpus=1)
+        for k in range(1, CLUSTER_NODES):
+            start_ray_worker_node(head, root / f"node{k}", num_cpus=1)
         for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
             os.environ[key] = head.env[key]
         import ray  # after the environment names this cluster's token
+        from ray._private import ray_constants
 
+        # Read when Ray is first imported, which test collection may have done already.
+        ray_constants.ENABLE_RAY_CLUSTER = True
         ray.init(address=head.address, log_to_driver=True)
+        try:
+            wait_until(lambda: sum(n["Alive"] for n in ray.nodes()) == CLUSTER_NODES, 120,
+                       f"{CLUSTER_NODES} Ray nodes")
+        except StartError as exc:
+            pytest.fail(str(exc))
         yield head
     finally:
         import ray

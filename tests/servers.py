@@ -22,6 +22,11 @@ from pathlib import Path
 BIN = Path(sys.executable).parent  # ray, mlflow and the python that runs jobs
 START_TIMEOUT_S = 300  # start-ups on 2 loaded cores; every wait is bounded
 MARKER = "SEMCKD_TEST_SERVER"
+# The test cluster's nodes register under a loopback address: in cluster mode Ray replaces
+# 127.0.0.1 (and only that spelling) by the machine's network address. Ray's GCS and raylets still
+# listen on every interface in cluster mode (it has no setting to narrow them); token
+# authentication guards them, and every address a test uses is a loopback one.
+NODE_IP = "127.0.0.2"
 
 
 class StartError(RuntimeError):
@@ -114,7 +119,7 @@ class RayHead:
 
 
 def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
-    """``ray start --head`` on 127.0.0.1 with token authentication and a token of its own."""
+    """``ray start --head`` on a loopback address with token authentication and a token of its own."""
     token = root / "ray_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -126,12 +131,12 @@ def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
         # Inherited by every Ray process: Ray Train's placement-group cleaner looks its cluster up
         # by this address and, without it, fails (and leaks the group) when other Ray instances
         # run on the machine.
-        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
-        # Ray's single-machine mode: every Ray server listens on 127.0.0.1 only.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_ADDRESS": f"{NODE_IP}:{gcs_port}",
+        # Cluster mode, so that more nodes can join (single-machine mode refuses them).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
     }
     started = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", NODE_IP, "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
          "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
          "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(root / "ray")],
@@ -140,6 +145,23 @@ def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
     if started.returncode != 0:
         raise StartError(f"ray start failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
     return RayHead(address=env["RAY_ADDRESS"], dashboard_url=f"http://127.0.0.1:{dashboard_port}", env=env)
+
+
+def start_ray_worker_node(head: RayHead, root: Path, num_cpus: int = 1) -> None:
+    """``ray start --address`` joining ``head`` as another node: its own CPUs, temp folder and ports.
+
+    On one machine the nodes share the host, but each has its own raylet, object store and
+    worker processes, so Ray schedules across them exactly as across hosts.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    started = subprocess.run(
+        [str(BIN / "ray"), "start", "--address", head.address, "--node-ip-address", NODE_IP,
+         "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(root),
+         "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())],
+        env=head.env, capture_output=True, text=True, timeout=START_TIMEOUT_S,
+    )
+    if started.returncode != 0:
+        raise StartError(f"ray start --address failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
 
 
 def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:

@@ -153,6 +153,11 @@ CASES = [
          ("method.options", "factor 64", "empty", "factor <= 32")),
     Case("batch-below-two", TRAIN, config_with(TEACHER_CONFIG, "optim.batch_size=1"),
          ("optim.batch_size", "greater than or equal to 2")),
+    Case("batch-not-divisible-by-the-workers", TRAIN,
+         config_with(TEACHER_CONFIG, "optim.batch_size=33", "scaling.num_workers=2"),
+         ("optim.batch_size=33", "the global batch", "scaling.num_workers=2", "32 or 34")),
+    Case("validation-split-larger-than-the-training-set", TRAIN, config_with(TEACHER_CONFIG, "data.val_size=5000"),
+         ("data.val_size", "[0, 1437)", "5000")),
     Case("non-finite-learning-rate", TRAIN, config_with(TEACHER_CONFIG, "optim.lr=.inf"),
          ("optim.lr", "finite")),
     Case("override-that-is-not-yaml", TRAIN, config_with(TEACHER_CONFIG, "name=:"),
@@ -195,6 +200,9 @@ def outcomes(request, tmp_path_factory) -> dict[str, subprocess.CompletedProcess
         except subprocess.TimeoutExpired as exc:  # that case's failure, not the others'
             return exc
 
+    # The session's temporary root, made once here: made by the first of the threads below, the
+    # others' mktemp would race with it.
+    tmp_path_factory.getbasetemp()
     with ThreadPoolExecutor(PARALLEL) as pool:
         return dict(zip((c.id for c in selected), pool.map(run, selected)))
 
@@ -209,7 +217,8 @@ def test_bad_input_is_one_clear_error_before_anything_runs(case, outcomes):
 
 @pytest.mark.slow  # it has to ask a cluster how big it is
 def test_more_workers_than_the_cluster_holds_is_refused_before_any_worker_starts(ray_cluster, tmp_path):
-    result = run_command(TRAIN, config_with(TEACHER_CONFIG, "scaling.num_workers=64")(tmp_path), cwd=tmp_path,
+    setup = config_with(TEACHER_CONFIG, "scaling.num_workers=64", "optim.batch_size=128")  # 2 per worker
+    result = run_command(TRAIN, setup(tmp_path), cwd=tmp_path,
                          env={"RAY_ADDRESS": os.environ["RAY_ADDRESS"]})
     assert_user_error(result, "64 CPUs", "scaling.num_workers=64", "the cluster has 2", "Lower scaling.num_workers",
                       ray_may_run=True)

@@ -121,3 +121,40 @@ def test_teacher_train_file_is_relative_to_the_config(tmp_path):
 
 def test_flatten_gives_dotted_params():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": []}) == {"a.b": 1, "a.c.d": 2, "e": []}
+
+
+# --- the global batch over N workers ----------------------------------------------------------
+
+
+def test_the_global_batch_must_split_evenly_over_the_workers():
+    msg = error_of(base(optim={"batch_size": 63}, scaling={"num_workers": 2}))
+    assert "optim.batch_size=63" in msg and "scaling.num_workers=2" in msg and "62 or 64" in msg
+    cfg = parse_train_config(base(optim={"batch_size": 64}, scaling={"num_workers": 4}))
+    assert (cfg.optim.batch_size, cfg.per_worker_batch()) == (64, 16)
+    assert parse_train_config(base(optim={"batch_size": 64})).per_worker_batch() == 64  # N=1: unchanged
+
+
+def test_semckd_is_checked_at_the_per_worker_batch_and_the_error_names_both():
+    teacher = {"model": "resnet8", "checkpoint": "t.pt"}
+    semckd = {"name": "semckd", "options": {"factor": 32}}
+    assert parse_train_config(base(method=semckd, teacher=teacher, optim={"batch_size": 64}))
+    msg = error_of(base(method=semckd, teacher=teacher, optim={"batch_size": 64}, scaling={"num_workers": 4}))
+    assert "batch size 16" in msg and "optim.batch_size=64" in msg and "scaling.num_workers=4" in msg
+
+
+def test_sync_bn_is_a_gpu_setting_and_warmup_needs_lr_scaling():
+    assert "scaling.use_gpu" in error_of(base(scaling={"sync_bn": True}))
+    assert parse_train_config(base(scaling={"sync_bn": True, "use_gpu": True})).scaling.sync_bn
+    assert "optim.lr_scaling" in error_of(base(optim={"warmup_epochs": 5}))
+    assert "lr_scaling" in error_of(base(optim={"lr_scaling": "sqrt"}))
+
+
+def test_lr_is_the_official_schedule_unless_linear_scaling_is_asked_for():
+    from semckd_ray.train_loop import lr_at
+
+    official = parse_train_config(base(optim={"batch_size": 256, "lr": 0.05, "lr_decay_epochs": [3]}),)
+    assert [lr_at(official, e) for e in (1, 3, 4)] == pytest.approx([0.05, 0.05, 0.005])  # whatever the batch
+    scaled = parse_train_config(base(optim={"batch_size": 256, "lr": 0.05, "lr_decay_epochs": [3],
+                                            "lr_scaling": "linear", "warmup_epochs": 2}))
+    assert scaled.peak_lr() == pytest.approx(0.2)  # 0.05 x 256 / 64
+    assert [lr_at(scaled, e) for e in (1, 2, 3, 4)] == pytest.approx([0.125, 0.2, 0.2, 0.02])

@@ -70,6 +70,8 @@ def test_smoke_sweep_is_logged_to_mlflow(ray_cluster, workdir):
         assert space["method.beta"]["low"] <= beta <= space["method.beta"]["high"]
         history = mlflow.get_metric_history(run.info.run_id, "val_top1")
         assert [m.step for m in history] == list(range(1, len(history) + 1)) and history
+    # Two trials at a time on the session's two one-CPU nodes: the sweep ran on both.
+    assert len({r.data.tags["worker_nodes"] for r in runs}) == 2, [r.data.tags["worker_nodes"] for r in runs]
     best = max(runs, key=lambda r: r.data.metrics["best_val_top1"])
     tagged = [r for r in runs if r.data.tags.get("best_trial") == "true"]
     assert [r.info.run_id for r in tagged] == [best.info.run_id]

@@ -1,6 +1,16 @@
 """Datasets held in memory as uint8 tensors, and the batched, on-device input pipeline that feeds them."""
 
-from semckd_ray.data.datasets import DatasetSplits, Split, list_datasets, load_dataset
+from semckd_ray.data.datasets import (
+    DatasetSplits,
+    Split,
+    check_dataset,
+    check_val_size,
+    list_datasets,
+    load_dataset,
+    needs_files,
+    num_classes,
+    prepare_dataset,
+)
 from semckd_ray.data.pipeline import Batch, BatchLoader, eval_loader, random_crop_flip, sample_crop_flip, train_loader
 
 __all__ = [
@@ -8,9 +18,14 @@ __all__ = [
     "BatchLoader",
     "DatasetSplits",
     "Split",
+    "check_dataset",
+    "check_val_size",
     "eval_loader",
     "list_datasets",
     "load_dataset",
+    "needs_files",
+    "num_classes",
+    "prepare_dataset",
     "random_crop_flip",
     "sample_crop_flip",
     "train_loader",

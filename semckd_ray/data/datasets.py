@@ -26,7 +26,8 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 
 from semckd_ray.errors import UserError
 
-__all__ = ["Split", "DatasetSplits", "load_dataset", "list_datasets"]
+__all__ = ["Split", "DatasetSplits", "load_dataset", "list_datasets", "num_classes", "needs_files", "check_dataset",
+           "prepare_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,61 @@ def _how_to_provide(fmt: _CifarFormat, root: Path) -> str:
     )
 
 
+def _missing_cifar_files(fmt: _CifarFormat, root: Path) -> list[str]:
+    return [name for name, _ in _all_files(fmt) if not (root / fmt.folder / name).is_file()]
+
+
+def _cifar_not_found(fmt: _CifarFormat, root: Path, missing: list[str]) -> UserError:
+    return UserError(f"{fmt.title} not found: missing {', '.join(missing)} in {root / fmt.folder}. "
+                     + _how_to_provide(fmt, root))
+
+
+def _check_cifar_files(fmt: _CifarFormat, root: Path, download: bool) -> None:
+    """What loading would refuse, found without reading the images: missing or truncated files.
+
+    A complete pickle ends with pickle's STOP opcode (``.``), so a file cut short is found from
+    its last byte; the small ``meta`` file is read whole. With ``download`` and files missing,
+    only whether the download could be written under ``root`` is checked.
+    """
+    missing = _missing_cifar_files(fmt, root)
+    if missing and download:
+        _check_writable(root, f"data.download: true downloads {fmt.title} into it")
+    elif missing:
+        raise _cifar_not_found(fmt, root, missing)
+    else:
+        for name, _ in _all_files(fmt):
+            _check_ends_like_a_pickle(root / fmt.folder / name)
+        _read_class_names(fmt, root)
+
+
+def _check_ends_like_a_pickle(path: Path) -> None:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(size - 1, 0))
+        last = f.read(1)
+    if last != pickle.STOP:
+        problem = "it is empty" if size == 0 else "it stops before the end of a pickle"
+        raise UserError(f"{path}: cannot be read as a CIFAR pickle ({problem}); "
+                        "the file is probably truncated -- delete it and download the dataset again")
+
+
+def _check_writable(root: Path, why: str) -> None:
+    """``root`` exists as a writable folder, or could be created: its nearest existing parent is one."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"data.root {root} cannot be written ({existing} is not a writable folder), "
+                        f"and {why}: set data.root to a writable folder, or provide the dataset there")
+
+
 def _ensure_cifar_files(fmt: _CifarFormat, root: Path, download: bool) -> None:
-    missing = [name for name, _ in _all_files(fmt) if not (root / fmt.folder / name).is_file()]
+    missing = _missing_cifar_files(fmt, root)
     if not missing:
         return
     if not download:
-        raise UserError(f"{fmt.title} not found: missing {', '.join(missing)} in {root / fmt.folder}. "
-                        + _how_to_provide(fmt, root))
+        raise _cifar_not_found(fmt, root, missing)
     tv = fmt.torchvision_class
     log.info("downloading %s from %s into %s", fmt.title, tv.url, root)
     try:
@@ -268,18 +317,66 @@ def _load_digits(root: Path, download: bool) -> _Loaded:
 class _DatasetEntry:
     load: Callable[[Path, bool], _Loaded]  # (root, download)
     default_val_size: Callable[[int], int]  # number of training images -> size of the val split
+    num_classes: int
+    train_size: int  # images in the official training split (before the val split is held out)
+    cifar: _CifarFormat | None = None  # the files under data.root; None: bundled with a library
 
 
 _DATASETS: dict[str, _DatasetEntry] = {
-    "cifar100": _DatasetEntry(lambda root, dl: _load_cifar(_CIFAR100, root, dl), lambda n: 5000),
-    "cifar10": _DatasetEntry(lambda root, dl: _load_cifar(_CIFAR10, root, dl), lambda n: 5000),
-    "digits": _DatasetEntry(_load_digits, lambda n: round(0.1 * n)),
+    "cifar100": _DatasetEntry(lambda root, dl: _load_cifar(_CIFAR100, root, dl), lambda n: 5000, 100, 50000, _CIFAR100),
+    "cifar10": _DatasetEntry(lambda root, dl: _load_cifar(_CIFAR10, root, dl), lambda n: 5000, 10, 50000, _CIFAR10),
+    "digits": _DatasetEntry(_load_digits, lambda n: round(0.1 * n), 10, 1437),
 }
 
 
 def list_datasets() -> list[str]:
     """Names ``load_dataset`` accepts."""
     return sorted(_DATASETS)
+
+
+def _entry(name: str) -> _DatasetEntry:
+    entry = _DATASETS.get(name)
+    if entry is None:
+        raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}")
+    return entry
+
+
+def num_classes(name: str) -> int:
+    """The number of classes of dataset ``name``, without reading any file."""
+    return _entry(name).num_classes
+
+
+def check_val_size(name: str, val_size: int | None) -> None:
+    """Refuse a ``data.val_size`` that leaves no training image in the official split, without reading it
+    (loading checks it again against the files at hand)."""
+    _check_val_size(name, val_size, _entry(name).train_size)
+
+
+def _check_val_size(name: str, val_size: int | None, train_size: int) -> None:
+    if val_size is None:
+        return
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train_size:
+        raise UserError(f"data.val_size must be an integer in [0, {train_size}) for {name}, got {val_size!r}")
+
+
+def needs_files(name: str) -> bool:
+    """Whether dataset ``name`` is read from ``data.root`` (digits comes with scikit-learn)."""
+    return _entry(name).cifar is not None
+
+
+def check_dataset(name: str, root: str | os.PathLike[str], download: bool = False) -> None:
+    """Raise the ``UserError`` loading would raise for files that are missing or cut short, without
+    reading the images; with ``download``, missing files only need ``root`` to be writable."""
+    fmt = _entry(name).cifar
+    if fmt is not None:
+        _check_cifar_files(fmt, Path(root).expanduser(), download)
+
+
+def prepare_dataset(name: str, root: str | os.PathLike[str], download: bool = False) -> None:
+    """Make sure the dataset's files are under ``root``, downloading them if ``download``; loads nothing."""
+    fmt = _entry(name).cifar
+    if fmt is not None:
+        _ensure_cifar_files(fmt, Path(root).expanduser(), download)
 
 
 def _hold_out(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
@@ -303,15 +400,12 @@ def load_dataset(
     read from ``root`` in the layout of the official python archive, and downloaded there by
     torchvision when absent and ``download`` is true. ``digits`` ignores ``root``.
     """
-    entry = _DATASETS.get(name)
-    if entry is None:
-        raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}")
+    entry = _entry(name)
     loaded = entry.load(Path(root).expanduser(), download)
     train = loaded.train
     if val_size is None:
         val_size = entry.default_val_size(len(train))
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < len(train):
-        raise UserError(f"data.val_size must be an integer in [0, {len(train)}) for {name}, got {val_size!r}")
+    _check_val_size(name, val_size, len(train))
     train, val = _hold_out(train, val_size, seed)
     log.info("%s: %d train / %d val / %d test images", name, len(train), len(val), len(loaded.test))
     num_classes = len(loaded.class_names)

@@ -93,6 +93,9 @@ class BatchLoader:
     is seen exactly once and shard sizes may differ by one, so ranks may take different numbers of
     steps: combine evaluation results once at the end, not per step.
 
+    ``cut_shards`` (instead of ``pad_shards``) cuts the order to a multiple of ``world_size``, as
+    ``DistributedSampler(drop_last=True)`` does: equal shards, each sample seen at most once.
+
     ``drop_last`` drops this rank's last partial batch.
 
     Placement: the uint8 split is copied to ``device`` once when ``keep_on_device`` (150 MB for
@@ -115,6 +118,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         pad_shards: bool = True,
+        cut_shards: bool = False,
         device: torch.device | str = "cpu",
         keep_on_device: bool = False,
         channels_last: bool = False,
@@ -132,6 +136,7 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.pad_shards = pad_shards
+        self.cut_shards = cut_shards and not pad_shards
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.epoch = 0
@@ -157,6 +162,8 @@ class BatchLoader:
         n = self.dataset_size
         if self.pad_shards:
             return math.ceil(n / self.world_size)
+        if self.cut_shards:
+            return n // self.world_size
         return len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
@@ -178,6 +185,8 @@ class BatchLoader:
         if self.pad_shards and n:
             total = self.num_samples * self.world_size
             order = order.repeat(math.ceil(total / n))[:total]
+        elif self.cut_shards:
+            order = order[: self.num_samples * self.world_size]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[Batch]:
@@ -223,14 +232,19 @@ def train_loader(
     drop_last: bool = False,
     **placement,
 ) -> BatchLoader:
-    """The training loader of ``data``: shuffled, augmented as in the paper, shards padded to equal length.
+    """The training loader of ``data``: shuffled, augmented as in the paper, shards of equal length.
+
+    ``batch_size`` is the per-worker batch. Shards are padded to equal length by wrapping around
+    (``DistributedSampler``'s default) or, with ``drop_last``, cut to it, so that an epoch has the
+    same number of steps of the same global batch at any ``world_size``: ``ceil(N / global batch)``,
+    or ``N // global batch`` with ``drop_last``.
 
     ``placement``: ``device``, ``keep_on_device``, ``channels_last``, ``pin_memory`` (see ``BatchLoader``).
     """
     return BatchLoader(
         data.train, data.mean, data.std, batch_size,
         augment=True, shuffle=True, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size,
-        pad_shards=True, **placement,
+        pad_shards=not drop_last, cut_shards=drop_last, **placement,
     )  # fmt: skip
 
 
