@@ -86,9 +86,8 @@ def check_tracking(uri: str, nodes: list[dict[str, Any]], driver_host: str) -> N
     raise UserError(
         f"tracking.uri {redact(uri)} is {kind}, which the training workers on the other hosts of this Ray "
         f"cluster cannot reach (the driver runs on {driver_host}; the nodes run on {', '.join(hosts)}). Run an "
-        "MLflow server on a machine every node reaches (`mlflow server --host 0.0.0.0 --port 5000 ...`, "
-        "see the README's \"Run an MLflow server\") and set tracking.uri (or $MLFLOW_TRACKING_URI) to "
-        "http://<that host>:5000."
+        "MLflow server on a machine every node reaches (the README's \"Run an MLflow server\" shows how to "
+        "share one with a cluster) and set tracking.uri (or $MLFLOW_TRACKING_URI) to http://<that host>:5000."
     )
 
 
@@ -120,8 +119,11 @@ def _is_loopback(host: str) -> bool:
 # Storage
 
 
-def storage_path(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> str:
-    """Where Ray keeps checkpoints; on several nodes a local folder must be one that all of them see."""
+def storage_path(cfg: TrainConfig, nodes: list[dict[str, Any]], check: bool = True) -> str:
+    """Where Ray keeps checkpoints; on several nodes a local folder must be one that all of them see.
+
+    ``check=False`` only resolves the path: for a training whose driver checked it already.
+    """
     configured = cfg.tracking.storage_path
     if configured and "://" in configured and not configured.startswith("file://"):
         return configured  # object storage (s3://, gs://): every node reaches it
@@ -133,7 +135,7 @@ def storage_path(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> str:
             "absolute path on shared storage that every node mounts (NFS), or to s3://bucket/prefix (or gs://)."
         )
     path = str(Path(local).expanduser().resolve()) if local else str(Path.cwd().resolve() / RAY_RESULTS_DIR)
-    if len(nodes) > 1:
+    if check and len(nodes) > 1:
         check_shared(path, nodes)
     return configured if configured and configured.startswith("file://") else path
 

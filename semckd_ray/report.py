@@ -297,7 +297,7 @@ def figure_size(panels: int) -> tuple[int, int]:
 def curve_keys(runs: list) -> list[str]:
     """Validation top-1, then every loss term the runs logged (``train_<term>``, total last)."""
     losses = {k for r in runs for k in r.data.metrics
-              if k.startswith("train_") and k not in ("train_top1", "train_top5")}
+              if k.startswith("train_") and k not in ("train_top1", "train_top5", "train_steps")}
     return ["val_top1", *sorted(losses, key=lambda k: (k == "train_total", k))]
 
 

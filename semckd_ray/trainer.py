@@ -18,7 +18,6 @@ from semckd_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RAY_RESULTS_DIR = "ray_results"
 WORKER_START_TIMEOUT_S = 600
 
 
@@ -118,12 +117,12 @@ def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once
 
 
 def storage_path(cfg: TrainConfig) -> str:
-    """Where Ray keeps checkpoints: on a multi-node cluster, object storage or a folder checked to be
-    shared by every node (``semckd_ray.nodes.storage_path``); on one node, a local folder."""
+    """Where Ray keeps checkpoints: on a multi-node cluster, object storage or a folder shared by every
+    node, which ``semckd_ray.nodes.check_cluster`` checked before the run (or sweep) started."""
     from semckd_ray.nodes import alive_nodes
-    from semckd_ray.nodes import storage_path as checked_storage_path
+    from semckd_ray.nodes import storage_path as resolve
 
-    return checked_storage_path(cfg, alive_nodes())
+    return resolve(cfg, alive_nodes(), check=False)
 
 
 # ------------------------------------------------------------------------------------------

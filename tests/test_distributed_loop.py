@@ -3,7 +3,7 @@
 A CRD student on digits, because CRD is the method that keeps its own buffers (its memory bank)
 and draws random negatives every step. Each rank records, from inside the loop, the random state
 its first CRD step starts from, its memory bank at the end, and the student's weights and BatchNorm
-statistics at every evaluation. About 40 s on 2 cores.
+statistics at every evaluation. About a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -106,3 +106,56 @@ def test_the_same_config_at_world_size_1_takes_as_many_steps(tmp_path):
     cfg["optim"]["epochs"] = 1
     final = run_worker(cfg, LocalReporter(tmp_path / "ckpt"))
     assert final["train_steps"] == STEPS
+
+
+# --- the dataset, prepared once per node ---------------------------------------------------------
+
+
+def _prepare_main(rank: int, init_file: str, out_dir: str, local_ranks: list[int], failing: int | None) -> None:
+    import os
+    import time
+
+    import semckd_ray.data as data
+    from semckd_ray.errors import UserError
+    from semckd_ray.train_loop import WorkerEnv, _prepare_data
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    calls = []
+
+    def prepare(name, root, download):
+        time.sleep(1.0)  # a download that takes a while: the other ranks must wait for it
+        calls.append((name, root, download, time.monotonic()))
+        if rank == failing:
+            raise UserError(f"downloading CIFAR-100 failed on rank {rank}")
+
+    data.prepare_dataset = prepare
+    os.environ["LOCAL_RANK"] = str(local_ranks[rank])
+    cfg = parse_train_config({"data": {"dataset": "cifar100", "root": f"{out_dir}/data", "download": True},
+                              "student": {"model": "resnet8"}, "method": {"name": "vanilla"}})
+    error = None
+    try:
+        _prepare_data(cfg, WorkerEnv(rank=rank, world_size=WORLD, local_rank=local_ranks[rank]))
+    except UserError as exc:
+        error = str(exc)
+    torch.save({"calls": calls, "done": time.monotonic(), "error": error}, f"{out_dir}/prepare{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _prepare(tmp_path, local_ranks: list[int], failing: int | None = None) -> list[dict]:
+    mp.spawn(_prepare_main, args=(str(tmp_path / "init"), str(tmp_path), local_ranks, failing), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"prepare{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_one_node_downloads_once_and_its_other_ranks_wait_for_it(tmp_path):
+    ranks = _prepare(tmp_path, local_ranks=[0, 1])  # both workers on one node
+    assert [len(r["calls"]) for r in ranks] == [1, 0]
+    assert ranks[0]["calls"][0][:3] == ("cifar100", str(tmp_path / "data"), True)
+    assert ranks[1]["done"] >= ranks[0]["calls"][0][3]  # rank 1 went on only after the download
+    assert ranks[0]["error"] is ranks[1]["error"] is None
+
+
+def test_each_node_downloads_and_a_failure_on_one_stops_every_rank(tmp_path):
+    ranks = _prepare(tmp_path, local_ranks=[0, 0], failing=1)  # two nodes, the second one offline
+    assert [len(r["calls"]) for r in ranks] == [1, 1]
+    assert "failed on rank 1" in ranks[1]["error"]
+    assert "another node" in ranks[0]["error"] and "failed on rank 1" in ranks[0]["error"]

@@ -80,7 +80,8 @@ def final_weights(checkpoint_dir) -> dict[str, torch.Tensor]:
 
 
 def test_killed_worker_resumes_from_its_checkpoint_to_the_uninterrupted_result(ray_cluster, workdir, capfd):
-    from semckd_ray.trainer import RAY_RESULTS_DIR, train
+    from semckd_ray.nodes import RAY_RESULTS_DIR
+    from semckd_ray.trainer import train
 
     cfg = semckd_config(workdir)
     mlflow = client(os.environ["MLFLOW_TRACKING_URI"])

@@ -1,19 +1,35 @@
-"""The smoke sweep submitted to a Ray head node with ``ray job submit`` logs everything to an MLflow server.
+"""The smoke sweep submitted to the session's two-node Ray cluster with ``ray job submit`` logs
+everything to an MLflow server.
 
 Checked through the server's REST API, as any client elsewhere would see it: the sweep's parent
-run with its summary, one child run per trial with per-epoch metrics, the best trial tagged, and
-the checkpoints uploaded through the server's artifact proxy.
+run with its search space and summary, one child run per trial with per-epoch metrics and its
+sampled values in bounds, the best trial tagged, the trials spread over both nodes, and the
+checkpoints uploaded through the server's artifact proxy. The sweep takes about 5 minutes on 2
+cores (4 trials of 2 epochs, 2 at a time, one per node, after the teacher's training).
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
 def tags(run: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def metrics(run: dict) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
 
 
 def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_server, sweep_job):
@@ -41,21 +57,36 @@ def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_ser
     assert tags(parent)["git_commit"] == sweep_job.git_commit  # runtime_env env_vars reached the driver
     assert {"summary.csv", "summary.json"} <= artifacts(parent_id)
 
+    space = config["search"]["space"]
+    assert params(parent)["search.space.method.beta.low"] == str(space["method.beta"]["low"])
+
     children = mlflow_server.search_runs(eid, f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) == config["search"]["num_samples"]
     for child in children:
         run_id = child["info"]["run_id"]
         # Closed, whatever ASHA did to the trial: never left RUNNING.
-        assert child["info"]["status"] != "RUNNING", child["info"]
+        assert child["info"]["status"] in ("FINISHED", "KILLED"), child["info"]
         assert tags(child)["tune_trial_id"]
+        assert space["method.beta"]["low"] <= float(params(child)["method.beta"]) <= space["method.beta"]["high"]
         logged = steps(run_id, "val_top1")
         assert logged == list(range(1, len(logged) + 1)) and 1 <= len(logged) <= epochs, (run_id, logged)
         assert steps(run_id, "train_semckd") == logged
+    # Two trials at a time on the cluster's two one-CPU nodes: the sweep ran on both.
+    assert len({tags(c)["worker_nodes"] for c in children}) == 2, [tags(c)["worker_nodes"] for c in children]
 
     best = [c for c in children if tags(c).get("best_trial") == "true"]
     assert len(best) == 1
     best_id = best[0]["info"]["run_id"]
+    assert best_id == max(children, key=lambda c: metrics(c)["best_val_top1"])["info"]["run_id"]
     assert tags(parent)["best_run_id"] == best_id
+    summary = Path(MlflowClient(tracking_uri=mlflow_server.url).download_artifacts(parent_id, "summary.json"))
+    rows = {row["run_id"]: row for row in json.loads(summary.read_text())}
+    assert rows.keys() == {c["info"]["run_id"] for c in children}
+    for child in children:
+        row = rows[child["info"]["run_id"]]
+        assert math.isclose(row["best_val_top1"], metrics(child)["best_val_top1"])
+        assert row["epochs"] == int(metrics(child)["epoch"])
+        assert row["status"] in ("FINISHED", "STOPPED_EARLY")
     assert steps(best_id, "val_top1") == list(range(1, epochs + 1))
     assert {"checkpoints/best_model.pt", "checkpoints/last.pt"} <= artifacts(best_id, path="checkpoints")
 
