@@ -310,6 +310,9 @@ def _terminate(mlflow_client, run_id: str, status: str, reason: str | None = Non
     try:
         if reason:
             mlflow_client.set_tag(run_id, "failure_reason", tracking.redact(reason)[:5000])
+        elif "failure_reason" in mlflow_client.get_run(run_id).data.tags:
+            # A retried or resumed run that ends well: its earlier failure is not its outcome.
+            mlflow_client.delete_tag(run_id, "failure_reason")
         mlflow_client.set_terminated(run_id, status=status)
     except Exception as exc:  # tracking down at the very end: the training result still stands
         log.warning("could not mark MLflow run %s as %s: %s", run_id, status, exc)

@@ -356,6 +356,9 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             else:
                 status = "KILLED"
                 client.set_tag(run.info.run_id, "stopped_early", "true")
+            if status != "FAILED" and "failure_reason" in run.data.tags:
+                # What fit() wrote when Tune tore the trial down (ActorDiedError ...): not a failure.
+                client.delete_tag(run.info.run_id, "failure_reason")
             client.set_terminated(run.info.run_id, status)
         rows.append({
             "run_id": run.info.run_id,

@@ -91,6 +91,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
     assert len(runs) == 4
     assert len({r.data.tags["tune_trial_id"] for r in runs}) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert [r.data.tags["failure_reason"] for r in runs if "failure_reason" in r.data.tags] == []
     for rid, epochs in finished_epochs.items():  # finished trials were not trained again
         assert len(mlflow.get_metric_history(rid, "epoch")) == epochs
     assert mlflow.get_run(parent_run_id).info.status == "FINISHED"
@@ -98,3 +99,38 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
     assert [r.info.run_id for r in everything if r.data.tags.get("role") == "sweep"] == [parent_run_id]
     assert len([r for r in everything if r.data.tags.get("role") == "teacher"]) == 1  # reused, not retrained
     assert [r.info.run_id for r in everything if r.info.status == "RUNNING"] == []
+
+
+def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
+    """A trial that Tune tore down (fit() wrote an ActorDiedError) but that ran all its epochs is
+    FINISHED, one that ASHA stopped is KILLED and stopped early; neither keeps a failure reason.
+    A run that failed once and then finished loses its old reason too."""
+    from semckd_ray.config import parse_train_config
+    from semckd_ray.trainer import _terminate
+    from semckd_ray.tune import summarize
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow = client(uri)
+    experiment = mlflow.create_experiment("truth")
+    parent = mlflow.create_run(experiment, run_name="sweep").info.run_id
+    torn_down = "ActorDiedError: The actor died unexpectedly: placement group was removed"
+    trials = {}
+    for name, epochs in (("full", 3), ("stopped", 1)):
+        run_id = mlflow.create_run(experiment, tags={"mlflow.parentRunId": parent, "tune_trial_id": name}).info.run_id
+        for epoch in range(1, epochs + 1):
+            mlflow.log_metric(run_id, "epoch", epoch, step=epoch)
+        mlflow.log_metric(run_id, "best_val_top1", 50.0 + epochs)
+        _terminate(mlflow, run_id, "FAILED", reason=torn_down)
+        trials[name] = run_id
+    base = parse_train_config({**smoke_raw(workdir), "tracking": {"uri": uri, "experiment": "truth"}})
+    summarize(base, parent, None, None)
+    full, stopped = (mlflow.get_run(trials[k]) for k in ("full", "stopped"))
+    assert (full.info.status, stopped.info.status) == ("FINISHED", "KILLED")
+    assert stopped.data.tags["stopped_early"] == "true" and "stopped_early" not in full.data.tags
+    assert "failure_reason" not in full.data.tags and "failure_reason" not in stopped.data.tags
+
+    retried = mlflow.create_run(experiment).info.run_id
+    _terminate(mlflow, retried, "FAILED", reason="ConnectionError: the server went away")
+    assert "failure_reason" in mlflow.get_run(retried).data.tags
+    _terminate(mlflow, retried, "FINISHED")
+    assert "failure_reason" not in mlflow.get_run(retried).data.tags

@@ -122,15 +122,15 @@ def _all_files(fmt: _CifarFormat) -> list[tuple[str, str]]:
     return fmt.files(True) + fmt.files(False) + [(fmt.meta["filename"], fmt.meta["md5"])]
 
 
-def _how_to_provide(fmt: _CifarFormat, root: Path) -> str:
+def _how_to_provide(fmt: _CifarFormat, root: Path, download_failed: bool = False) -> str:
     tv = fmt.torchvision_class
     names = ", ".join(name for name, _ in _all_files(fmt))
-    return (
-        f"{fmt.title} is expected under {root}/{fmt.folder}/ with the files {names} "
-        f"(the layout of the official python archive). To provide it, either set `data.download: true` in the "
-        f"config to let torchvision download {tv.url} into {root}, or download that archive yourself and "
-        f"extract it there: tar -xzf {tv.filename} -C {root}"
-    )
+    by_hand = f"download {tv.url} on a machine that can and extract it there: tar -xzf {tv.filename} -C {root}"
+    how = (f"To provide it, {by_hand}" if download_failed else
+           f"To provide it, either set `data.download: true` in the config to let torchvision download "
+           f"{tv.url} into {root}, or {by_hand}")
+    return (f"{fmt.title} is expected under {root}/{fmt.folder}/ with the files {names} "
+            f"(the layout of the official python archive). {how}")
 
 
 def _missing_cifar_files(fmt: _CifarFormat, root: Path) -> list[str]:
@@ -194,7 +194,7 @@ def _ensure_cifar_files(fmt: _CifarFormat, root: Path, download: bool) -> None:
         download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
     except Exception as exc:  # network, disk and checksum failures all leave the user the same options
         raise UserError(f"downloading {fmt.title} failed ({type(exc).__name__}: {exc}). "
-                        + _how_to_provide(fmt, root)) from exc
+                        + _how_to_provide(fmt, root, download_failed=True)) from exc
 
 
 class _RefusedGlobal(pickle.UnpicklingError):

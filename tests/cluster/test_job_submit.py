@@ -66,6 +66,9 @@ def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_ser
         run_id = child["info"]["run_id"]
         # Closed, whatever ASHA did to the trial: never left RUNNING.
         assert child["info"]["status"] in ("FINISHED", "KILLED"), child["info"]
+        # Tags tell the truth: a finished or early-stopped trial carries no failure reason.
+        assert "failure_reason" not in tags(child), (child["info"]["status"], tags(child)["failure_reason"])
+        assert (tags(child).get("stopped_early") == "true") == (child["info"]["status"] == "KILLED")
         assert tags(child)["tune_trial_id"]
         assert space["method.beta"]["low"] <= float(params(child)["method.beta"]) <= space["method.beta"]["high"]
         logged = steps(run_id, "val_top1")

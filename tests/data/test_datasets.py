@@ -136,8 +136,9 @@ def test_failed_download_is_a_user_error_with_the_manual_route(tmp_path, monkeyp
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(datasets_module, "download_and_extract_archive", offline)
-    with pytest.raises(UserError, match=r"downloading CIFAR-100 failed .*no route to host.*tar -xzf"):
+    with pytest.raises(UserError, match=r"downloading CIFAR-100 failed .*no route to host.*tar -xzf") as info:
         load_dataset("cifar100", tmp_path, download=True)
+    assert "data.download: true" not in str(info.value)  # it is set already: only the manual route is left
 
 
 def test_download_is_skipped_when_the_files_are_present(tmp_path, monkeypatch):
