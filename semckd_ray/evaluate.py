@@ -88,7 +88,7 @@ def _load_model(cfg, blob: Any, num_classes: int, checkpoint: str):
 def _read_checkpoint(checkpoint: str, config_file: str | None,
                      overrides: list[str]) -> tuple[Any, str | None, str | None]:
     """The checkpoint's contents, and the MLflow run and store it comes from (None for a local file)."""
-    from semckd_ray.models.checkpoint import _read
+    from semckd_ray.models.checkpoint import read_checkpoint
     from semckd_ray.teacher import resolve_teacher_file, teacher_run_id
 
     run_id = tracking_uri = None
@@ -105,7 +105,7 @@ def _read_checkpoint(checkpoint: str, config_file: str | None,
             raise UserError(_as_checkpoint_error(str(exc))) from None
     elif Path(checkpoint).is_dir() and (Path(checkpoint) / "state.pt").is_file():
         path = str(Path(checkpoint) / "state.pt")  # a Ray checkpoint folder, as the training prints it
-    return _read(Path(path)), run_id, tracking_uri
+    return read_checkpoint(Path(path)), run_id, tracking_uri
 
 
 def _configured_tracking_uri(config_file: str | None, overrides: list[str]) -> str | None:

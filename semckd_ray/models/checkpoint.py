@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from semckd_ray.errors import UserError
 
-__all__ = ["load_checkpoint"]
+__all__ = ["load_checkpoint", "read_checkpoint"]
 
 _DDP_PREFIX = "module."
 _MAX_LISTED = 8
@@ -42,7 +42,7 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
     else:
         path = Path(source)
         label = f"checkpoint file '{path}'"
-        checkpoint = _read(path)
+        checkpoint = read_checkpoint(path)
     found = _find_state_dict(checkpoint, label)
     state_dict = _strip_ddp_prefix(found)
     _check_compatible(model, state_dict, label)
@@ -51,7 +51,8 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
     return {**other_entries, "model": state_dict}
 
 
-def _read(path: Path) -> Any:
+def read_checkpoint(path: Path) -> Any:
+    """The contents of a checkpoint file, read with ``weights_only=True``; a ``UserError`` if it cannot be."""
     if not path.is_file():
         raise UserError(f"checkpoint file '{path}' does not exist or is not a file; check the path.")
     try:
