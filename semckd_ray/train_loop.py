@@ -253,10 +253,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     # ---- models: same seed on every rank, so every rank starts from the same weights
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    student = create_model(cfg.student.model, num_classes=splits.num_classes)
-    if cfg.scaling.sync_bn and env.world_size > 1:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    student = student.to(env.device, memory_format=memory_format)
+    student = create_model(cfg.student.model, num_classes=splits.num_classes).to(env.device, memory_format=memory_format)
     teacher = None
     if cfg.teacher is not None:
         teacher = FrozenTeacher(
@@ -272,10 +269,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         num_train=len(splits.train.labels),
         train_labels=splits.train.labels,
     )
-    method = create_method(cfg.method.name, ctx, cfg.method.options)
-    if cfg.scaling.sync_bn and env.world_size > 1:
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    method = method.to(env.device, memory_format=memory_format)
+    method = create_method(cfg.method.name, ctx, cfg.method.options).to(env.device, memory_format=memory_format)
     # From here on each rank draws its own random numbers (CRD's negatives); the data pipeline
     # has generators of its own, keyed by rank.
     torch.manual_seed(worker_seed(cfg.seed, env.rank))
@@ -284,6 +278,9 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
                          if has_attention(method) else None)
     distiller = Distiller(student, method, gamma=cfg.method.gamma, alpha=cfg.method.alpha,
                           beta=cfg.beta(), kd_temperature=cfg.method.kd_temperature)
+    if cfg.scaling.sync_bn and env.world_size > 1:
+        # In place below the top: student and method keep their identity, with SyncBatchNorm layers.
+        nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
     optimizer = torch.optim.SGD(distiller.parameters(), lr=lr_at(cfg, 1), momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
 
@@ -476,8 +473,7 @@ def _save(folder: Path, cfg: TrainConfig, distiller, optimizer, state: TrainingS
             "method": distiller.method.state_dict(),
             "optimizer": optimizer.state_dict(),
             "state": vars(state).copy(),
-            "rng": rng[0],
-            "rng_ranks": rng,
+            "rng_ranks": rng,  # every rank's own stream
         },
         folder / STATE_FILE,
     )
@@ -490,7 +486,7 @@ def _restore(folder: Path, distiller, optimizer, env: WorkerEnv):
     distiller.student.load_state_dict(blob["model"])
     distiller.method.load_state_dict(blob["method"])
     optimizer.load_state_dict(blob["optimizer"])
-    ranks = blob.get("rng_ranks", [blob["rng"]])
+    ranks = blob.get("rng_ranks") or [blob["rng"]]  # "rng": rank 0's alone, in older checkpoints
     if len(ranks) == env.world_size:
         rng = ranks[env.rank]
         torch.set_rng_state(rng["torch"])

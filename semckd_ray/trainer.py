@@ -306,14 +306,22 @@ def register_model(cfg: TrainConfig, run_id: str) -> str | None:
     return f"models:/{name}/{version.version}"
 
 
+def close_run(mlflow_client, run_id: str, status: str, reason: str | None = None) -> None:
+    """End the run with ``status``; its ``failure_reason`` tag says why it failed, and only if it did.
+
+    A run that did not fail (a retry or resume that ended well, a trial Tune tore down after its
+    last epoch) loses a reason an earlier attempt wrote.
+    """
+    if reason:
+        mlflow_client.set_tag(run_id, "failure_reason", tracking.redact(reason)[:5000])
+    elif status != "FAILED" and "failure_reason" in mlflow_client.get_run(run_id).data.tags:
+        mlflow_client.delete_tag(run_id, "failure_reason")
+    mlflow_client.set_terminated(run_id, status=status)
+
+
 def _terminate(mlflow_client, run_id: str, status: str, reason: str | None = None) -> None:
     try:
-        if reason:
-            mlflow_client.set_tag(run_id, "failure_reason", tracking.redact(reason)[:5000])
-        elif "failure_reason" in mlflow_client.get_run(run_id).data.tags:
-            # A retried or resumed run that ends well: its earlier failure is not its outcome.
-            mlflow_client.delete_tag(run_id, "failure_reason")
-        mlflow_client.set_terminated(run_id, status=status)
+        close_run(mlflow_client, run_id, status, reason)
     except Exception as exc:  # tracking down at the very end: the training result still stands
         log.warning("could not mark MLflow run %s as %s: %s", run_id, status, exc)
 

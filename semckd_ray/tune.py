@@ -332,6 +332,8 @@ def _find_sweep(root: str, name: str, resume: str) -> Path:
 
 def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConfig) -> dict[str, Any]:
     """Close every trial's run truthfully, tag the best, and log the summary on the parent."""
+    from semckd_ray.trainer import close_run
+
     client = tracking.client(base.tracking.uri)
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
@@ -356,10 +358,7 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             else:
                 status = "KILLED"
                 client.set_tag(run.info.run_id, "stopped_early", "true")
-            if status != "FAILED" and "failure_reason" in run.data.tags:
-                # What fit() wrote when Tune tore the trial down (ActorDiedError ...): not a failure.
-                client.delete_tag(run.info.run_id, "failure_reason")
-            client.set_terminated(run.info.run_id, status)
+            close_run(client, run.info.run_id, status)  # drops fit()'s reason for Tune's teardown
         rows.append({
             "run_id": run.info.run_id,
             "trial_id": run.data.tags.get("tune_trial_id", ""),

@@ -27,7 +27,7 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from semckd_ray.errors import UserError
 
 __all__ = ["Split", "DatasetSplits", "load_dataset", "list_datasets", "num_classes", "needs_files", "check_dataset",
-           "prepare_dataset"]
+           "check_val_size", "prepare_dataset"]
 
 log = logging.getLogger(__name__)
 
