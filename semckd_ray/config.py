@@ -39,6 +39,9 @@ class DataConfig(_Section):
     root: str = "data"  # resolved to an absolute path at load time: workers run elsewhere
     download: bool = False
     val_size: int | None = Field(default=None, ge=0)  # None: the dataset's default (CIFAR 5000)
+    # Which images are held out for validation, apart from ``seed``: every seed of a sweep's trial
+    # (search.repeats) is scored on the same split.
+    split_seed: int = Field(default=0, ge=0)
     eval_batch_size: int = Field(default=256, ge=1)
 
 
@@ -119,6 +122,10 @@ class ScalingConfig(_Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    # A fraction of one GPU per worker packs several trials on a GPU (0.25: four trials), for the
+    # small, launch-bound steps of CIFAR models; with one worker per trial only (two NCCL ranks
+    # cannot share a GPU).
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=1)
     # bfloat16 autocast: off by default; on an H200 it is slower than float32 at the paper's
     # batch of 64 and pays off from a per-worker batch of 256 up (bench/README.md).
     bf16: bool = False
@@ -128,6 +135,9 @@ class ScalingConfig(_Section):
     # device (its forward is exact in either layout and faster in channels_last: bench/README.md).
     teacher_channels_last: bool | None = None
     compile: bool = False
+    # Capture the whole training step (teacher, student, method, optimizer) in a CUDA graph and replay
+    # it: one launch instead of hundreds per step. GPU and one worker only; off until measured faster.
+    cuda_graphs: bool = False
     # SyncBatchNorm: batch statistics over the global batch (GPU only, as in PyTorch). Off, as in
     # the official code, where each GPU normalises its own share of the batch.
     sync_bn: bool = False
@@ -215,6 +225,33 @@ class TrainConfig(_Section):
         if self.scaling.sync_bn and not self.scaling.use_gpu:
             raise ValueError("scaling.sync_bn needs scaling.use_gpu: true (PyTorch's SyncBatchNorm runs on "
                              "GPUs only); on CPU every rank's BatchNorm statistics are rank 0's at each evaluation")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_share(self) -> TrainConfig:
+        share, workers = self.scaling.gpus_per_worker, self.scaling.num_workers
+        if share != 1.0 and not self.scaling.use_gpu:
+            raise ValueError(f"scaling.gpus_per_worker={share:g} needs scaling.use_gpu: true")
+        if share < 1.0 and workers > 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker={share:g} with scaling.num_workers={workers}: a fraction of a GPU "
+                "works with one worker per trial only, since two NCCL ranks of one training cannot share a "
+                "GPU (ray-project/ray#48012); use num_workers: 1 to pack trials, or gpus_per_worker: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graphs_scope(self) -> TrainConfig:
+        if not self.scaling.cuda_graphs:
+            return self
+        if not self.scaling.use_gpu:
+            raise ValueError("scaling.cuda_graphs needs scaling.use_gpu: true (CUDA graphs replay GPU work)")
+        if self.scaling.num_workers > 1:
+            raise ValueError(
+                f"scaling.cuda_graphs captures one worker's step; with scaling.num_workers="
+                f"{self.scaling.num_workers} DDP's gradient all-reduce would have to be captured too, which "
+                "this trainer does not do: use num_workers: 1 (packed trials), or cuda_graphs: false")
+        if self.scaling.compile:
+            raise ValueError("scaling.cuda_graphs and scaling.compile both rewrite the step: choose one")
         return self
 
     @model_validator(mode="after")

@@ -9,7 +9,8 @@ training (``semckd_ray.train_loop.evaluate``, same batches, device, layout, prec
 The last line of the output is the same as JSON. The training config comes from ``--config FILE``,
 else from the checkpoint file (``state.pt``, or a checkpoint written by a recent training), else
 from the run's ``config.yaml`` artifact; ``--set key=value`` applies on top. The validation split
-is the run's own one: held out of the training split with the config's ``seed``.
+is the run's own one: held out of the training split with the config's ``data.split_seed`` (a
+config saved before that key existed held it out with its ``seed``).
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def evaluate_checkpoint(checkpoint: str, split: str, config_file: str | None = N
     blob, run_id, tracking_uri = _read_checkpoint(checkpoint, config_file, overrides)
     cfg = _train_config(blob, run_id, tracking_uri, config_file, overrides, checkpoint)
     splits = load_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download,
-                          val_size=cfg.data.val_size, seed=cfg.seed)
+                          val_size=cfg.data.val_size, seed=cfg.data.split_seed)
     images = len(getattr(splits, split).labels)
     if images == 0:
         raise UserError(f"the {split} split of {cfg.data.dataset} is empty (data.val_size={cfg.data.val_size}); "
                         "evaluate --split test, or give the val split images with --set data.val_size=N "
-                        "(only the run's own val_size and seed give the run's own val split)")
+                        "(only the run's own val_size and split_seed give the run's own val split)")
     # As run_worker evaluates: same device, layout, thread count, batches and precision.
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -136,6 +137,9 @@ def _train_config(blob: Any, run_id: str | None, tracking_uri: str | None, confi
     else:
         raise UserError(f"--checkpoint {checkpoint!r} holds no training config (an official or hand-made "
                         "checkpoint): pass the config it was trained with, --config FILE")
+    if not config_file and isinstance(raw.get("data"), dict) and "split_seed" not in raw["data"]:
+        # Saved before data.split_seed existed, when the run's seed chose its val split.
+        raw = {**raw, "data": {**raw["data"], "split_seed": raw.get("seed", 0)}}
     return parse_train_config(apply_overrides(raw, list(overrides)), config_dir=config_dir)
 
 

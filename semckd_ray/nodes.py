@@ -47,9 +47,9 @@ def describe(node: dict[str, Any]) -> str:
 
 
 def can_host_worker(node: dict[str, Any], scaling: ScalingConfig) -> bool:
-    resources = node.get("Resources", {})
-    return (resources.get("CPU", 0.0) >= scaling.cpus_per_worker
-            and (not scaling.use_gpu or resources.get("GPU", 0.0) >= 1))
+    from semckd_ray.capacity import worker_resources, workers_on
+
+    return workers_on(node.get("Resources", {}), worker_resources(scaling)) > 0
 
 
 def check_cluster(cfg: TrainConfig) -> str:

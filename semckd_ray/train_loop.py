@@ -235,7 +235,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     if cfg.data.download:
         _prepare_data(cfg, env)
     splits = load_dataset(cfg.data.dataset, cfg.data.root, download=False, val_size=cfg.data.val_size,
-                          seed=cfg.seed)
+                          seed=cfg.data.split_seed)
     batch = cfg.per_worker_batch()
     placement = dict(device=env.device, channels_last=channels_last,
                      keep_on_device=env.device.type == "cuda", pin_memory=env.device.type == "cuda")

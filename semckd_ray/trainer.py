@@ -83,31 +83,51 @@ def cluster_capacity() -> dict[str, float]:
 
 
 def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once: int = 1,
-                    *, nodes: list[dict[str, Any]] | None = None) -> None:
-    """Workers the cluster cannot hold would wait forever: say so instead.
+                    *, nodes: list[dict[str, Any]] | None = None, growth=None) -> None:
+    """Workers the cluster can never hold would wait forever: say so instead.
 
     ``nodes`` (the alive ones of ``ray.nodes()``): besides the totals, one worker must fit on one node.
+    ``growth`` (``semckd_ray.capacity.cluster_growth()``): on a cluster that autoscales, a training
+    that fits on the nodes the autoscaler may add waits for them; where the autoscaler did not tell
+    Ray what it may add, a training that fits nowhere now is warned about, not refused.
     """
-    from semckd_ray.nodes import can_host_worker
+    from semckd_ray.capacity import ClusterGrowth, node_totals, worker_resources, workers_on
 
-    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    need_gpu = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
-    have_cpu, have_gpu = capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)
+    growth = growth or ClusterGrowth("fixed")
+    scaling = cfg.scaling
+    per_worker = worker_resources(scaling)
+    workers = scaling.num_workers * trials_at_once
+    need_cpu = workers * scaling.cpus_per_worker
+    need_gpu = workers * scaling.gpus_per_worker if scaling.use_gpu else 0
+    grown = ([] if growth.kind == "fixed" else
+             [t.resources for t in growth.node_types for _ in range(max(0, t.max_count))])
+    have_cpu = capacity.get("CPU", 0.0) + sum(r.get("CPU", 0.0) for r in grown)
+    have_gpu = capacity.get("GPU", 0.0) + sum(r.get("GPU", 0.0) for r in grown)
+    where = "the cluster has" if growth.kind == "fixed" else "the cluster can grow to"
     problems = []
-    if need_cpu > have_cpu:
-        problems.append(f"{need_cpu:g} CPUs (scaling.num_workers={cfg.scaling.num_workers} x "
-                        f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g}) but the cluster has {have_cpu:g}")
-    if need_gpu > have_gpu:
-        problems.append(f"{need_gpu} GPUs (one per worker, scaling.num_workers={cfg.scaling.num_workers}) "
-                        f"but the cluster has {have_gpu:g}")
-    if nodes and not any(can_host_worker(n, cfg.scaling) for n in nodes):
-        first = ("GPU", "CPU") if cfg.scaling.use_gpu else ("CPU", "GPU")
-        largest = max((n.get("Resources", {}) for n in nodes), key=lambda r: [r.get(k, 0.0) for k in first])
-        gpu = " and 1 GPU" if cfg.scaling.use_gpu else ""
-        problems.append(f"{cfg.scaling.cpus_per_worker:g} CPUs{gpu} on one node for each worker "
-                        f"(scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g}"
-                        f"{', scaling.use_gpu=true' if gpu else ''}) but the largest node has "
+    gpu_share = f" x scaling.gpus_per_worker={scaling.gpus_per_worker:g}" if scaling.gpus_per_worker != 1 else ""
+    if need_cpu > have_cpu + 1e-6:
+        problems.append(f"{need_cpu:g} CPUs (scaling.num_workers={scaling.num_workers} x "
+                        f"scaling.cpus_per_worker={scaling.cpus_per_worker:g}) but {where} {have_cpu:g}")
+    if need_gpu > have_gpu + 1e-6:
+        problems.append(f"{need_gpu:g} GPUs (scaling.num_workers={scaling.num_workers}{gpu_share}) "
+                        f"but {where} {have_gpu:g}")
+    now = node_totals(nodes or [])
+    if nodes and not any(workers_on(n, per_worker) for n in now) and not growth.could_host(per_worker):
+        first = ("GPU", "CPU") if scaling.use_gpu else ("CPU", "GPU")
+        largest = max(now + grown, key=lambda r: [r.get(k, 0.0) for k in first])
+        gpu = f" and {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else ""
+        problems.append(f"{scaling.cpus_per_worker:g} CPUs{gpu} on one node for each worker "
+                        f"(scaling.cpus_per_worker={scaling.cpus_per_worker:g}"
+                        f"{', scaling.use_gpu=true' if gpu else ''}) but the largest node "
+                        f"{'has' if growth.kind == 'fixed' else 'running or that the autoscaler can add has'} "
                         f"{largest.get('CPU', 0.0):g} CPUs and {largest.get('GPU', 0.0):g} GPUs")
+    if problems and growth.kind == "unknown":
+        # The autoscaler may add nodes Ray was not told about: the training waits for them.
+        print(f"[semckd-ray] warning: the cluster holds no worker of this run now ({'; '.join(problems)}); "
+              "it autoscales without telling Ray its node types, so the run waits for nodes it adds. "
+              "If none come, stop it and lower scaling.num_workers or scaling.cpus_per_worker.", flush=True)
+        return
     if problems:
         raise UserError(
             "the run needs " + "; and ".join(problems) + ". Lower scaling.num_workers or "
@@ -239,21 +259,27 @@ class RayReporter:
         return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
 
 
+def scaling_config(cfg: TrainConfig):
+    """The workers Ray Train asks for: ``num_workers`` of ``cpus_per_worker`` CPUs and, on GPU,
+    ``gpus_per_worker`` of a GPU each (a share below 1 packs several one-worker trials on a GPU)."""
+    import ray.train
+
+    from semckd_ray.capacity import worker_resources
+
+    return ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                   resources_per_worker=worker_resources(cfg.scaling))
+
+
 def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
     return TorchTrainer(
         _ray_worker_entry,
         train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id,
                            "tracking_uri": cfg.tracking.uri},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=train_run_name,
             storage_path=storage_path(cfg),
@@ -361,7 +387,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     tracking.check_reachable(cfg.tracking.uri)
     cfg = preflight(ensure_teacher(cfg))
     ensure_ray()
-    check_resources(cfg, cluster_capacity(), nodes=alive_nodes())
+    from semckd_ray.capacity import cluster_growth
+
+    check_resources(cfg, cluster_capacity(), nodes=alive_nodes(), growth=cluster_growth())
     check_cluster(cfg)  # tracking, storage and data as every node sees them, before the run exists
     run_id = start_run(cfg)
     result = fit(cfg, run_id=run_id)

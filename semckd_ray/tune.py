@@ -157,21 +157,114 @@ def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, p
     if repeats == 1:
         fit(cfg, run_id=run_id, train_run_name=f"{sweep_name}-{trial_id}", callbacks=[TuneReportCallback()])
         return
-    # Repeats run one after another and the trial reports the epoch-wise mean across seeds.
-    histories = []
+    _run_repeats(cfg, run_id, trial_id, sweep_name, sampled, repeats)
+
+
+def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, sampled: dict[str, Any],
+                 repeats: int) -> None:
+    """The trial's seeds train at the same time; after every epoch the trial reports their mean.
+
+    Each seed is a Ray Train run of its own (a child of the trial's MLflow run), started from a
+    thread of this process; their per-epoch results come back through a Ray queue. The trial reports
+    epoch ``e`` once every seed has finished it, so ASHA judges the mean after the first rung and
+    stops a poor trial there, with all its seeds, instead of after every seed has trained to the end.
+    Seeds that the cluster cannot hold at once wait for resources, as any training does.
+    """
+    import threading
+
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from semckd_ray.trainer import fit
+
+    reports = Queue(actor_options={"num_cpus": 0})
+    seeds = []
     for k in range(repeats):
         seed_cfg = cfg.model_copy(deep=True)
-        seed_cfg.seed = cfg.seed + k
-        seed_run = _trial_run(seed_cfg, run_id, f"{trial_id}-seed{k}", sampled)
-        fit(seed_cfg, run_id=seed_run, train_run_name=f"{sweep_name}-{trial_id}-seed{k}")
-        histories.append(_history(cfg.tracking.uri, seed_run))
+        seed_cfg.seed = cfg.seed + k  # data.split_seed stays: every seed is scored on the same split
+        seeds.append((seed_cfg, _trial_run(seed_cfg, run_id, f"{trial_id}-seed{k}", sampled)))
+    client = tracking.client(cfg.tracking.uri)
+    finished = {k for k, (_, seed_run) in enumerate(seeds) if client.get_run(seed_run).info.status == "FINISHED"}
+    # A resumed sweep: what each seed logged before the driver died stands in for the epochs that
+    # its resumed training will not report again, and the trial's own history is not logged twice.
+    by_epoch: dict[int, dict[int, dict[str, float]]] = {}
+    for k, (_, seed_run) in enumerate(seeds):
+        for epoch, metrics in _history(cfg.tracking.uri, seed_run).items():
+            by_epoch.setdefault(epoch, {})[k] = metrics
+    logged = set(_history(cfg.tracking.uri, run_id))
+
+    def train(k: int) -> None:
+        seed_cfg, seed_run = seeds[k]
+        try:
+            result = fit(seed_cfg, run_id=seed_run, train_run_name=f"{sweep_name}-{trial_id}-seed{k}",
+                         callbacks=[_seed_reports(reports, k)])
+            diverged = result.metrics.get("diverged")
+            reports.put((k, "diverged" if diverged else "done", result.metrics.get("epoch")))
+        except BaseException as exc:  # the trial fails with the seed's error, below
+            reports.put((k, "failed", f"{type(exc).__name__}: {exc}"))
+
+    for k in range(repeats):
+        if k not in finished:
+            threading.Thread(target=train, args=(k,), name=f"seed{k}", daemon=True).start()
     logger = tracking.RunLogger(cfg.tracking.uri, run_id)
-    for epoch in sorted(set.intersection(*(set(h) for h in histories))):
-        mean = {key: sum(h[epoch][key] for h in histories) / repeats
-                for key in histories[0][epoch] if all(key in h[epoch] for h in histories)}
-        logger.log_metrics(mean, step=epoch)
-        tune.report(mean)
-    tracking.client(cfg.tracking.uri).set_terminated(run_id, "FINISHED")
+    done, diverged = set(finished), {}
+    last = cfg.optim.epochs
+
+    def ready(epoch: int) -> bool:
+        # The last epoch waits for every seed's training to end, so that the trial's last report,
+        # after which Tune may end this process, comes after every run is closed.
+        return len(by_epoch.get(epoch, ())) == repeats and (epoch < last or len(done) == repeats)
+
+    reported = 0
+    while True:
+        while ready(reported + 1):
+            reported += 1
+            per_seed = list(by_epoch.pop(reported).values())
+            mean = {key: sum(m[key] for m in per_seed) / repeats
+                    for key in per_seed[0] if all(key in m for m in per_seed)}
+            mean["epoch"] = reported
+            if reported not in logged:
+                logger.log_metrics(mean, step=reported)
+            if reported == last:
+                logger.flush()
+                client.set_terminated(run_id, "FINISHED")
+            tune.report(mean)
+        if len(done) == repeats:
+            break
+        k, kind, value = reports.get()
+        if kind == "epoch":
+            by_epoch.setdefault(int(value["epoch"]), {})[k] = value
+        elif kind == "failed":
+            raise RuntimeError(f"seed {k} of trial {trial_id} failed: {value}")
+        else:
+            done.add(k)
+            if kind == "diverged":
+                diverged[k] = value
+    if diverged:
+        from semckd_ray.trainer import close_run
+
+        logger.flush()
+        reason = "; ".join(f"seed {k} diverged in epoch {int(e)}" for k, e in sorted(diverged.items()))
+        client.set_tag(run_id, "stopped_reason", reason)
+        close_run(client, run_id, "FAILED", reason)
+
+
+def _seed_reports(queue, seed_index: int):
+    """A Ray Train callback that sends each epoch's rank-0 metrics to the trial through ``queue``.
+
+    It runs in the training's controller (an actor of its own), hence the Ray queue. Defined here,
+    not at import, because ``ray.train`` is heavy and ``python -m semckd_ray.tune`` checks the
+    config before it needs Ray.
+    """
+    from ray.train import UserCallback
+
+    class SeedReports(UserCallback):
+        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+            numbers = {k: float(v) for k, v in metrics[0].items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            queue.put((seed_index, "epoch", numbers))
+
+    return SeedReports()
 
 
 def _history(uri: str, run_id: str) -> dict[int, dict[str, float]]:
@@ -217,6 +310,8 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
 
     from semckd_ray.nodes import alive_nodes, check_cluster
     from semckd_ray.teacher import ensure_teacher
+    from semckd_ray.capacity import TrialCapacity, cluster_growth, worker_resources
+    from semckd_ray.scheduling import ClusterLimiter
     from semckd_ray.trainer import check_resources, cluster_capacity, ensure_ray, preflight
 
     search, base = parse_search(raw, config_dir)
@@ -226,17 +321,16 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     # Every trial shares the resolved teacher, tracking store and absolute paths.
     raw = {**base.model_dump(mode="json"), "search": raw.get("search")}
     ensure_ray()
-    capacity = cluster_capacity()
-    check_resources(base, capacity, nodes=alive_nodes())
+    growth = cluster_growth()
+    check_resources(base, cluster_capacity(), nodes=alive_nodes(), growth=growth)
     root = check_cluster(base)  # tracking, storage and data as every node sees them, before any run
     # The trials' trainers keep their checkpoints where this driver checked, not under their own cwd.
     raw["tracking"]["storage_path"] = root
-
-    per_trial_cpu = base.scaling.num_workers * base.scaling.cpus_per_worker
-    fits = int(capacity.get("CPU", 0) // per_trial_cpu)
-    if base.scaling.use_gpu:
-        fits = min(fits, int(capacity.get("GPU", 0) // base.scaling.num_workers))
-    concurrent = max(1, min(fits, search.max_concurrent or fits))
+    # How many trials run (or wait for resources) at once is asked again before each new trial:
+    # a node that joins is used without a restart, and on an autoscaling cluster the waiting
+    # trials' resource requests are the demand the autoscaler sees.
+    capacity = TrialCapacity(worker_resources(base.scaling), base.scaling.num_workers * search.repeats,
+                             search.max_concurrent)
 
     client = tracking.client(base.tracking.uri)
     if resume:
@@ -270,13 +364,13 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
         )
         import optuna
 
-        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed))
+        searcher = ClusterLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed)), capacity)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-                num_samples=search.num_samples, max_concurrent_trials=concurrent,
+                num_samples=search.num_samples,
             ),
             run_config=tune.RunConfig(name=sweep_name, storage_path=root, verbose=1),
         )
@@ -284,8 +378,8 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
             sweep_dir.mkdir(parents=True, exist_ok=True)
             (sweep_dir / SWEEP_FILE).write_text(json.dumps(
                 {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": base.tracking.uri}))
-    print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, {concurrent} at a time; "
-          f"MLflow parent run {parent_run_id}", flush=True)
+    print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, up to {capacity()} at a time on the "
+          f"cluster as it is now; MLflow parent run {parent_run_id}", flush=True)
     try:
         results = tuner.fit()
     except BaseException:
@@ -359,6 +453,8 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
                 status = "KILLED"
                 client.set_tag(run.info.run_id, "stopped_early", "true")
             close_run(client, run.info.run_id, status)  # drops fit()'s reason for Tune's teardown
+        if search is None or search.repeats > 1:
+            _close_seed_runs(client, parent.info.experiment_id, run.info.run_id, base.optim.epochs)
         rows.append({
             "run_id": run.info.run_id,
             "trial_id": run.data.tags.get("tune_trial_id", ""),
@@ -385,6 +481,20 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.json"))
     return {"parent_run_id": parent_run_id, "best": best, "trials": rows,
             "tracking_uri": base.tracking.uri, "experiment": base.tracking.experiment}
+
+
+def _close_seed_runs(client, experiment_id: str, trial_run_id: str, epochs: int) -> None:
+    """A trial's seeds that Tune's end of the trial left running: finished, or stopped with it."""
+    from semckd_ray.trainer import close_run
+
+    seeds = client.search_runs([experiment_id], max_results=1000, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{trial_run_id}' and attributes.status = 'RUNNING'"))
+    for run in seeds:
+        if int(run.data.metrics.get("epoch", 0)) >= epochs:
+            close_run(client, run.info.run_id, "FINISHED")
+        else:
+            client.set_tag(run.info.run_id, "stopped_early", "true")
+            close_run(client, run.info.run_id, "KILLED")
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -118,8 +118,36 @@ class RayHead:
         return Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
 
 
-def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
-    """``ray start --head`` on a loopback address with token authentication and a token of its own."""
+def autoscaling_config(gcs_address: str, node_types: dict[str, dict], head_cpus: int) -> dict:
+    """A cluster config whose autoscaler really adds nodes, as raylets on this machine.
+
+    ``node_types``: name -> ``{"resources": {...}, "max_workers": n}``, as in a cluster YAML.
+    """
+    return {
+        "cluster_name": "semckd-test", "max_workers": sum(t["max_workers"] for t in node_types.values()),
+        "provider": {"type": "external", "module": "loopback_provider.LoopbackNodeProvider",
+                     "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            **{name: {"node_config": {}, "min_workers": 0, **t} for name, t in node_types.items()},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 30,
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def start_ray_head(root: Path, num_cpus: int = 2, autoscale: dict[str, dict] | None = None) -> RayHead:
+    """``ray start --head`` on a loopback address with token authentication and a token of its own.
+
+    ``autoscale`` (node types, see ``autoscaling_config``): the head runs an autoscaler that starts
+    nodes of those types on this machine when work waits for resources.
+    """
+    import json
+
     token = root / "ray_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -135,11 +163,19 @@ def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
         # Cluster mode, so that more nodes can join (single-machine mode refuses them).
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
     }
+    extra = []
+    if autoscale:
+        config = root / "autoscaling.json"
+        config.write_text(json.dumps(autoscaling_config(env["RAY_ADDRESS"], autoscale, num_cpus)))
+        extra = ["--autoscaling-config", str(config)]
+        tests = str(Path(__file__).resolve().parent)
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (tests, env.get("PYTHONPATH", "")) if p))
     started = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", NODE_IP, "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
          "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-         "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(root / "ray")],
+         "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(root / "ray"), *extra],
         env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S,
     )
     if started.returncode != 0:

@@ -68,7 +68,7 @@ def test_state_file_evaluates_as_the_training_did_with_the_config_it_holds(train
     assert result["split"] == "test" and result["images"] == 360
 
     cfg = trained.cfg
-    splits = load_dataset(cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed)
+    splits = load_dataset(cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size, seed=cfg.data.split_seed)
     model = create_model(cfg.student.model, num_classes=splits.num_classes)
     load_checkpoint(model, trained.last / STATE_FILE)
     direct = evaluate(model, eval_loader(splits, "test", cfg.data.eval_batch_size), WorkerEnv(), amp=False)
