@@ -227,6 +227,10 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     cfg = TrainConfig.model_validate(train_config)
     env = WorkerEnv.detect(cfg.scaling.use_gpu)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    if env.device.type == "cuda":
+        # Every training batch has one shape (evaluation a few), so cuDNN's autotuner is paid once per
+        # shape; the official code sets it too (train_student.py), and so does bench/gpu.py.
+        torch.backends.cudnn.benchmark = True
     amp = cfg.scaling.bf16
     channels_last = cfg.scaling.channels_last_enabled()
     method_cls = get_method_class(cfg.method.name)
@@ -305,6 +309,13 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         )
     if cfg.scaling.compile:
         model = torch.compile(model)
+    graphed = None
+    if cfg.scaling.cuda_graphs and env.device.type == "cuda":
+        from semckd_ray.cuda_graphs import GraphedStep
+
+        # Built after the restore above, and it captures lazily on its first steps: the graph holds the
+        # restored weights' and optimizer state's tensors.
+        graphed = GraphedStep(model, teacher, optimizer, env.device, amp, method=method, batch_size=batch)
 
     nodes = _gather(reporter.node())
     tracker = _Tracker(tracking_uri, run_id) if env.rank == 0 and run_id else None
@@ -318,7 +329,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         train_batches.set_epoch(epoch)
         started = time.perf_counter()
         train_metrics = _train_epoch(model, teacher, train_batches, optimizer, env, amp, method_cls.needs_index,
-                                     before_step=sync_student)
+                                     before_step=sync_student, graphed=graphed)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         seconds = time.perf_counter() - started
@@ -414,8 +425,12 @@ def train_step(model, teacher, optimizer, x: Tensor, y: Tensor, index: Tensor | 
 
 
 def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, needs_index: bool,
-                 before_step=None) -> dict[str, float]:
-    """One pass over this worker's shard; loss sums stay on the device until the epoch ends."""
+                 before_step=None, graphed=None) -> dict[str, float]:
+    """One pass over this worker's shard; loss sums stay on the device until the epoch ends.
+
+    ``graphed`` (a ``semckd_ray.cuda_graphs.GraphedStep``) takes the steps instead of ``train_step``; the
+    static tensors it returns are read below before its next replay overwrites them.
+    """
     model.train()
     sums: dict[str, Tensor] = {}
     correct = torch.zeros(2, dtype=torch.float64, device=env.device)
@@ -423,7 +438,10 @@ def _train_epoch(model, teacher, loader, optimizer, env: WorkerEnv, amp: bool, n
     for x, y, index in loader:
         if before_step is not None:
             before_step()
-        logits, losses = train_step(model, teacher, optimizer, x, y, index if needs_index else None, env.device, amp)
+        if graphed is not None:
+            logits, losses = graphed(x, y, index if needs_index else None)
+        else:
+            logits, losses = train_step(model, teacher, optimizer, x, y, index if needs_index else None, env.device, amp)
         steps += 1
         n = y.numel()
         with torch.no_grad():

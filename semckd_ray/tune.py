@@ -454,7 +454,7 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
                 client.set_tag(run.info.run_id, "stopped_early", "true")
             close_run(client, run.info.run_id, status)  # drops fit()'s reason for Tune's teardown
         if search is None or search.repeats > 1:
-            _close_seed_runs(client, parent.info.experiment_id, run.info.run_id, base.optim.epochs)
+            _close_seed_runs(client, parent.info.experiment_id, run.info.run_id, base.optim.epochs, status)
         rows.append({
             "run_id": run.info.run_id,
             "trial_id": run.data.tags.get("tune_trial_id", ""),
@@ -483,15 +483,22 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             "tracking_uri": base.tracking.uri, "experiment": base.tracking.experiment}
 
 
-def _close_seed_runs(client, experiment_id: str, trial_run_id: str, epochs: int) -> None:
-    """A trial's seeds that Tune's end of the trial left running: finished, or stopped with it."""
+def _close_seed_runs(client, experiment_id: str, trial_run_id: str, epochs: int, trial_status: str) -> None:
+    """A trial's seeds that Tune's end of the trial left open, or marked failed as it tore them down:
+    finished if they trained every epoch, else stopped with their trial (unless the trial failed)."""
     from semckd_ray.trainer import close_run
 
-    seeds = client.search_runs([experiment_id], max_results=1000, filter_string=(
-        f"tags.`mlflow.parentRunId` = '{trial_run_id}' and attributes.status = 'RUNNING'"))
+    seeds = client.search_runs([experiment_id], max_results=1000,
+                               filter_string=f"tags.`mlflow.parentRunId` = '{trial_run_id}'")
     for run in seeds:
+        status = run.info.status
+        torn_down = status == "FAILED" and trial_status != "FAILED" and "stopped_reason" not in run.data.tags
+        if status != "RUNNING" and not torn_down:
+            continue
         if int(run.data.metrics.get("epoch", 0)) >= epochs:
             close_run(client, run.info.run_id, "FINISHED")
+        elif trial_status == "FAILED":
+            close_run(client, run.info.run_id, "KILLED")
         else:
             client.set_tag(run.info.run_id, "stopped_early", "true")
             close_run(client, run.info.run_id, "KILLED")

@@ -134,3 +134,55 @@ def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
     assert "failure_reason" in mlflow.get_run(retried).data.tags
     _terminate(mlflow, retried, "FINISHED")
     assert "failure_reason" not in mlflow.get_run(retried).data.tags
+
+
+@pytest.mark.slow
+def test_repeats_train_at_once_and_asha_stops_a_poor_trial_after_its_first_rung(ray_cluster, workdir):
+    """Two seeds per trial, trained at the same time (one per node); the trial reports their mean
+    every epoch, so ASHA stops the poor second trial at its first rung instead of after both seeds
+    have trained to the end."""
+    from semckd_ray.tune import sweep
+
+    epochs = 3
+    raw = {
+        "name": "repeats", "seed": 0, "data": {"dataset": "digits", "root": str(workdir / "data")},
+        "method": {"name": "vanilla"}, "student": {"model": "resnet8"},
+        "optim": {"epochs": epochs, "batch_size": 32, "lr_decay_epochs": [3]},
+        "checkpoint": {"every": 1}, "tracking": {"experiment": "repeats"},
+        # Optuna's TPE with this seed samples the good lr first and the poor one second. After one
+        # epoch the good one's seeds score 23 and 12 % (validation top-1), the poor one's about 9.
+        "search": {"num_samples": 2, "repeats": 2, "seed": 10,
+                   "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                   "space": {"optim.lr": {"type": "choice", "values": [0.1, 1e-5]}}},
+    }
+    summary = sweep(raw, workdir)
+
+    mlflow = client(summary["tracking_uri"])
+    rows = sorted(summary["trials"], key=lambda r: mlflow.get_run(r["run_id"]).info.start_time)
+    assert [r["searched.optim.lr"] for r in rows] == ["0.1", "1e-05"], rows  # the premise
+    good, poor = (mlflow.get_run(r["run_id"]) for r in rows)
+    assert good.info.status == "FINISHED" and good.data.metrics["epoch"] == epochs
+    assert poor.info.status == "KILLED" and poor.data.tags["stopped_early"] == "true"
+    assert [m.step for m in mlflow.get_metric_history(poor.info.run_id, "val_top1")] == [1]  # the rung
+
+    def seeds(trial):
+        return sorted(mlflow.search_runs([trial.info.experiment_id],
+                                         filter_string=f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'"),
+                      key=lambda r: r.data.tags["tune_trial_id"])
+
+    for trial in (good, poor):
+        pair = seeds(trial)
+        assert [r.data.params["seed"] for r in pair] == ["0", "1"]
+        assert pair[0].info.start_time < pair[1].info.end_time and pair[1].info.start_time < pair[0].info.end_time
+        # The trial's curve is the seeds' mean, epoch by epoch.
+        for step in [m.step for m in mlflow.get_metric_history(trial.info.run_id, "val_top1")]:
+            per_seed = [{m.step: m.value for m in mlflow.get_metric_history(r.info.run_id, "val_top1")}[step]
+                        for r in pair]
+            assert [m.value for m in mlflow.get_metric_history(trial.info.run_id, "val_top1")
+                    if m.step == step] == [pytest.approx(sum(per_seed) / 2)]
+    assert [r.info.status for r in seeds(good)] == ["FINISHED", "FINISHED"]
+    # Stopped with their trial, before their last epoch, and closed as such.
+    stopped = [(r.info.status, r.data.metrics["epoch"], r.data.tags.get("failure_reason")) for r in seeds(poor)]
+    assert all(status == "KILLED" and epoch < epochs and reason is None for status, epoch, reason in stopped), stopped
+    assert [r.info.run_id for r in mlflow.search_runs([good.info.experiment_id])
+            if r.info.status == "RUNNING"] == []

@@ -67,6 +67,9 @@ class DistillMethod(nn.Module):
     # True when the method keeps its buffers consistent across DDP ranks itself (CRD's memory bank
     # gathers from every rank); the trainer then turns off DDP's broadcast of rank 0's buffers.
     syncs_own_buffers: ClassVar[bool] = False
+    # Why this method's training step cannot be captured in a CUDA graph (``scaling.cuda_graphs``), or
+    # None when it can; the trainer then runs its steps eagerly and logs this reason once.
+    graph_unsafe_reason: ClassVar[str | None] = None
 
     @dataclass(frozen=True)
     class Options:

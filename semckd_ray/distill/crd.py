@@ -87,6 +87,13 @@ class CRD(DistillMethod):
     default_beta = 0.8  # scripts/run_cifar_distill.sh: --distill crd -b 0.8
     needs_index = True
     syncs_own_buffers = True
+    # Its random negatives alone would replay fine (the CUDA generator advances with each replay) and so
+    # would the in-place memory update, but the forward reads GPU values on the CPU: bool(self.z[0] < 0)
+    # every step, and too_few.any(), a data-dependent branch whose captured side would be replayed for
+    # every batch, right or not.
+    graph_unsafe_reason = ("CRD's forward reads GPU values on the CPU to choose its path (whether its NCE "
+                           "constants are set yet; whether some class has fewer than nce_k negatives), and a "
+                           "graph would replay one path for every batch")
 
     @dataclass(frozen=True)
     class Options:
