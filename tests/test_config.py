@@ -158,3 +158,53 @@ def test_lr_is_the_official_schedule_unless_linear_scaling_is_asked_for():
                                             "lr_scaling": "linear", "warmup_epochs": 2}))
     assert scaled.peak_lr() == pytest.approx(0.2)  # 0.05 x 256 / 64
     assert [lr_at(scaled, e) for e in (1, 2, 3, 4)] == pytest.approx([0.125, 0.2, 0.2, 0.02])
+
+
+def test_a_share_of_a_gpu_needs_a_gpu_and_one_worker():
+    ok = parse_train_config(base(scaling={"use_gpu": True, "gpus_per_worker": 0.25}))
+    assert ok.scaling.gpus_per_worker == 0.25
+    assert "needs scaling.use_gpu: true" in error_of(base(scaling={"gpus_per_worker": 0.5}))
+    message = error_of(base(scaling={"use_gpu": True, "gpus_per_worker": 0.5, "num_workers": 2},
+                            optim={"batch_size": 64}))
+    assert "one worker per trial only" in message and "ray-project/ray#48012" in message
+    for bad in (0, -0.5, 1.5):
+        assert "scaling.gpus_per_worker" in error_of(base(scaling={"use_gpu": True, "gpus_per_worker": bad}))
+
+
+def test_cuda_graphs_need_a_gpu_one_worker_and_no_compile():
+    assert parse_train_config(base(scaling={"use_gpu": True, "cuda_graphs": True})).scaling.cuda_graphs
+    assert "needs scaling.use_gpu: true" in error_of(base(scaling={"cuda_graphs": True}))
+    assert "num_workers: 1" in error_of(base(scaling={"use_gpu": True, "cuda_graphs": True, "num_workers": 2},
+                                             optim={"batch_size": 64}))
+    assert "choose one" in error_of(base(scaling={"use_gpu": True, "cuda_graphs": True, "compile": True}))
+
+
+def test_the_validation_split_is_chosen_by_split_seed_not_by_seed():
+    from semckd_ray.data import load_dataset
+
+    assert parse_train_config(base()).data.split_seed == 0
+    assert "split_seed" in error_of(base(data={"dataset": "digits", "split_seed": -1}))
+    seeds = [parse_train_config(base(seed=s)) for s in (0, 1)]
+    assert {c.data.split_seed for c in seeds} == {0}  # every seed of a trial: one validation split
+    a, b = (load_dataset("digits", "unused", seed=0).val.labels for _ in range(2))
+    assert a.tolist() == b.tolist()
+    assert load_dataset("digits", "unused", seed=1).val.labels.tolist() != a.tolist()
+
+
+def test_asha_judges_the_cifar_sweeps_after_the_first_lr_decay():
+    """Rungs before the decay at 150 would rank trials by their noisy constant-lr phase."""
+    checked = 0
+    for path in sorted((REPO / "tune_configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        scheduler = (raw.get("search") or {}).get("scheduler") or {}
+        if scheduler.get("type", "asha") != "asha" or not raw.get("search") or raw["optim"]["epochs"] < 200:
+            continue
+        grace, factor = scheduler.get("grace_period", 1), scheduler.get("reduction_factor", 2)
+        rungs, rung = [], grace
+        while rung < raw["optim"]["epochs"]:  # Ray's ASHA: grace x factor^k below max_t
+            rungs.append(rung)
+            rung *= factor
+        first_decay = min(raw["optim"].get("lr_decay_epochs", [150, 180, 210]))
+        assert rungs and min(rungs) > first_decay, (path.name, rungs, first_decay)
+        checked += 1
+    assert checked >= 7

@@ -53,9 +53,11 @@ def test_search_space_errors_name_the_key(tmp_path):
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, workdir):
     cfg_path = workdir / "sweep.yaml"
-    raw = smoke_raw(workdir)
+    raw = smoke_raw(workdir, epochs=2)
     raw["teacher"]["train"] = str(SMOKE.parent / raw["teacher"]["train"])
     raw["search"]["scheduler"]["type"] = "none"  # every trial runs all its epochs
+    # Two at a time: when the first finishes and the driver dies, one trial is mid-way and one waits.
+    raw["search"]["num_samples"] = 3
     import yaml
 
     cfg_path.write_text(yaml.safe_dump(raw))
@@ -88,8 +90,8 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
     resumed = subprocess.run(command + ["--resume"], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     runs = children(mlflow, parent_run_id)
-    assert len(runs) == 4
-    assert len({r.data.tags["tune_trial_id"] for r in runs}) == 4
+    assert len(runs) == 3
+    assert len({r.data.tags["tune_trial_id"] for r in runs}) == 3
     assert all(r.info.status == "FINISHED" for r in runs)
     assert [r.data.tags["failure_reason"] for r in runs if "failure_reason" in r.data.tags] == []
     for rid, epochs in finished_epochs.items():  # finished trials were not trained again

@@ -24,7 +24,7 @@ from semckd_ray.trainer import scaling_config
 from semckd_ray.tune import TRIAL_DRIVER_MEMORY
 
 OUT = Path(sys.argv[1])
-HOLD_S = 20  # long enough for every trial that can run at once to overlap, on 2 busy cores
+HOLD_S = 12  # long enough for every trial that can run at once to overlap, on 2 busy cores
 
 cfg = parse_train_config({
     "name": "share", "data": {"dataset": "digits"}, "method": {"name": "vanilla"},
