@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import StartError, start_ray_head, stop_marked, wait_until
+from servers import StartError, start_ray_head, stop_marked
 
 from semckd_ray.tracking import client
 
