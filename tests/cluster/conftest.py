@@ -25,6 +25,7 @@ from servers import StartError, start_mlflow_server, stop_marked
 REPO = Path(__file__).resolve().parents[2]
 SWEEP_CONFIG = "tune_configs/smoke.yaml"
 EPOCHS = 2  # the smoke sweep as written, with one epoch less per trial
+TRIALS = 2  # and two trials, not four: one on each node, at the same time
 JOB_TIMEOUT_S = 900  # the sweep takes 2-5 minutes on 2 busy cores
 
 
@@ -49,7 +50,7 @@ class MlflowServer:
 
 @dataclass
 class SweepJob:
-    config: dict  # the experiment file as submitted, before the --set overrides
+    config: dict  # the experiment file as submitted, with the --set number of trials
     epochs: int
     storage_path: Path
     git_commit: str
@@ -120,6 +121,7 @@ def sweep_job(ray_cluster, mlflow_server, tmp_path_factory):
         "--set", f"tracking.storage_path={work / 'shared_storage'}",
         "--set", f"data.root={work / 'data'}",
         "--set", f"optim.epochs={EPOCHS}",
+        "--set", f"search.num_samples={TRIALS}",
     ]
     try:
         submitted = head.ray(*command, timeout_s=JOB_TIMEOUT_S)
@@ -132,5 +134,6 @@ def sweep_job(ray_cluster, mlflow_server, tmp_path_factory):
         logs = head.ray("job", "logs", "--address", head.dashboard_url, submission_id)
         pytest.fail(f"job {submission_id} ended {status} (ray job submit exited {submitted.returncode})\n"
                     f"--- job log ---\n{logs.stdout[-20000:]}\n--- ray job submit ---\n{submitted.stderr[-5000:]}")
-    return SweepJob(config=yaml.safe_load((REPO / SWEEP_CONFIG).read_text()), epochs=EPOCHS,
-                    storage_path=work / "shared_storage", git_commit=commit, output=submitted.stdout)
+    config = yaml.safe_load((REPO / SWEEP_CONFIG).read_text())
+    config["search"]["num_samples"] = TRIALS
+    return SweepJob(config=config, epochs=EPOCHS, storage_path=work / "shared_storage", git_commit=commit, output=submitted.stdout)

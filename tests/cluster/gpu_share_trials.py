@@ -24,7 +24,9 @@ from semckd_ray.trainer import scaling_config
 from semckd_ray.tune import TRIAL_DRIVER_MEMORY
 
 OUT = Path(sys.argv[1])
-HOLD_S = 12  # long enough for every trial that can run at once to overlap, on 2 busy cores
+AT_ONCE = 4  # what a GPU holds at a quarter each
+WAIT_S = 90  # bounded: a wrong schedule (one at a time) fails the test in 5 x 90 s, it does not hang it
+HOLD_S = 4  # after AT_ONCE are in, long enough for a fifth to show up if it could run too
 
 cfg = parse_train_config({
     "name": "share", "data": {"dataset": "digits"}, "method": {"name": "vanilla"},
@@ -34,7 +36,17 @@ cfg = parse_train_config({
 
 
 def worker(config):
+    """Holds its share of the GPU until AT_ONCE workers have started (or WAIT_S passed), then a little longer.
+
+    A barrier, not a fixed sleep: trials start one after another on 2 busy cores, so the first
+    could end before the fourth begins however well Ray packs them.
+    """
     started = time.time()
+    present = OUT / "present"
+    present.mkdir(exist_ok=True)
+    (present / config["trial"]).touch()
+    while len(list(present.iterdir())) < AT_ONCE and time.time() - started < WAIT_S:
+        time.sleep(0.5)
     time.sleep(HOLD_S)
     record = {"start": started, "end": time.time(), "node": ray.get_runtime_context().get_node_id(),
               "gpu_ids": [str(g) for g in ray.get_gpu_ids()],

@@ -104,4 +104,6 @@ def test_four_trials_with_a_quarter_gpu_each_share_one_gpu(growing_cluster, tmp_
         return sum(r["start"] <= t < r["end"] for r in records)
 
     most = max(running_at(r["start"]) for r in records)
-    assert most == 4  # four at once; the fifth waited, since 5 x 0.25 is more than one GPU
+    assert most == 4, records  # four at once (each held its share until four had started) ...
+    last = max(records, key=lambda r: r["start"])
+    assert last["start"] >= min(r["end"] for r in records if r is not last), records  # ... the fifth waited
