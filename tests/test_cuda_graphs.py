@@ -388,86 +388,77 @@ def test_replaced_optimizer_state_is_captured_again():
 # ---- GPU: the real capture
 
 
+@pytest.fixture
 def deterministic_cudnn():
+    """The same cuDNN kernels in the eager and the graphed run, and the global settings restored after."""
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    return saved
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 @needs_cuda
 @pytest.mark.parametrize("method", ["semckd", "kd"])
-def test_hundreds_of_graphed_steps_match_eager_on_a_gpu(method):
+def test_hundreds_of_graphed_steps_match_eager_on_a_gpu(method, deterministic_cudnn):
     # resnet32x4 -> resnet8x4 at batch 64, 300 steps, the lr divided by 10 after 150 (a re-capture); kd
     # also gets a partial batch every 50 steps (eager). Same kernels in both runs (deterministic cuDNN),
     # so the losses agree to float32 rounding, accumulated over the steps.
-    saved = deterministic_cudnn()
-    try:
-        sizes = [64] * 300 if method == "semckd" else [48 if k % 50 == 49 else 64 for k in range(300)]
-        pool = batches(sizes[:50], device="cuda")
-        data = [pool[k % 50] for k in range(300)]
-        lr_change = {150: 0.001}
-        kwargs = dict(batch=64, device="cuda", student="resnet8x4", teacher="resnet32x4", lr=0.01)
-        eager = build(method, **kwargs)
-        expected = run(eager, data, lr_at=lr_change)
-        graphed = build(method, **kwargs)
-        step = GraphedStep(graphed.model, graphed.teacher, graphed.optimizer, graphed.device, False,
-                           method=graphed.method, batch_size=64)
-        got = run(graphed, data, step, lr_at=lr_change)
-        assert step.fallback_reason is None
-        assert step.stats["captures"] == 2
-        partial = sum(n != 64 for n in sizes)
-        assert step.stats["eager"] == partial
-        assert step.stats["replays"] == 300 - WARMUP_STEPS - partial
-        for k, (a, b) in enumerate(zip(got, expected)):
-            for name in a:
-                torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"step {k}, {name}")
-        final = state(graphed)
-        for key, value in state(eager).items():
-            torch.testing.assert_close(final[key], value, rtol=1e-3, atol=1e-5, msg=key)
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+    sizes = [64] * 300 if method == "semckd" else [48 if k % 50 == 49 else 64 for k in range(300)]
+    pool = batches(sizes[:50], device="cuda")
+    data = [pool[k % 50] for k in range(300)]
+    lr_change = {150: 0.001}
+    kwargs = dict(batch=64, device="cuda", student="resnet8x4", teacher="resnet32x4", lr=0.01)
+    eager = build(method, **kwargs)
+    expected = run(eager, data, lr_at=lr_change)
+    graphed = build(method, **kwargs)
+    step = GraphedStep(graphed.model, graphed.teacher, graphed.optimizer, graphed.device, False,
+                       method=graphed.method, batch_size=64)
+    got = run(graphed, data, step, lr_at=lr_change)
+    assert step.fallback_reason is None
+    assert step.stats["captures"] == 2
+    partial = sum(n != 64 for n in sizes)
+    assert step.stats["eager"] == partial
+    assert step.stats["replays"] == 300 - WARMUP_STEPS - partial
+    for k, (a, b) in enumerate(zip(got, expected)):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"step {k}, {name}")
+    final = state(graphed)
+    for key, value in state(eager).items():
+        torch.testing.assert_close(final[key], value, rtol=1e-3, atol=1e-5, msg=key)
 
 
 @needs_cuda
-def test_a_method_that_syncs_falls_back_on_a_gpu(caplog):
-    saved = deterministic_cudnn()
-    try:
-        data = batches([8] * 6, device="cuda")
-        ctx = build("kd", device="cuda").method.ctx
-        eager = build("kd", device="cuda", method_module=ReadsItsLoss(ctx))
-        expected = run(eager, data)
-        graphed = build("kd", device="cuda", method_module=ReadsItsLoss(ctx))
+def test_a_method_that_syncs_falls_back_on_a_gpu(caplog, deterministic_cudnn):
+    data = batches([8] * 6, device="cuda")
+    ctx = build("kd", device="cuda").method.ctx
+    eager = build("kd", device="cuda", method_module=ReadsItsLoss(ctx))
+    expected = run(eager, data)
+    graphed = build("kd", device="cuda", method_module=ReadsItsLoss(ctx))
+    step = GraphedStep(graphed.model, graphed.teacher, graphed.optimizer, graphed.device, False,
+                       method=graphed.method, batch_size=8)
+    with caplog.at_level(logging.WARNING, logger="semckd_ray.cuda_graphs"):
+        got = run(graphed, data, step)
+    records = warnings_of(caplog)
+    assert len(records) == 1 and "'reads_its_loss'" in records[0].getMessage()
+    assert step.stats["captures"] == 0 and step.stats["replays"] == 0
+    assert_same(got, expected)
+
+
+@needs_cuda
+def test_crd_falls_back_on_a_gpu(caplog, deterministic_cudnn):
+    options = {"nce_k": 32, "feat_dim": 16}
+    data = batches([8] * 5, device="cuda")
+    eager = build("crd", device="cuda", options=options)
+    expected = run(eager, data)
+    graphed = build("crd", device="cuda", options=options)
+    with caplog.at_level(logging.WARNING, logger="semckd_ray.cuda_graphs"):
         step = GraphedStep(graphed.model, graphed.teacher, graphed.optimizer, graphed.device, False,
                            method=graphed.method, batch_size=8)
-        with caplog.at_level(logging.WARNING, logger="semckd_ray.cuda_graphs"):
-            got = run(graphed, data, step)
-        records = warnings_of(caplog)
-        assert len(records) == 1 and "'reads_its_loss'" in records[0].getMessage()
-        assert step.stats["captures"] == 0 and step.stats["replays"] == 0
-        assert_same(got, expected)
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-
-
-@needs_cuda
-def test_crd_falls_back_on_a_gpu(caplog):
-    saved = deterministic_cudnn()
-    try:
-        options = {"nce_k": 32, "feat_dim": 16}
-        data = batches([8] * 5, device="cuda")
-        eager = build("crd", device="cuda", options=options)
-        expected = run(eager, data)
-        graphed = build("crd", device="cuda", options=options)
-        with caplog.at_level(logging.WARNING, logger="semckd_ray.cuda_graphs"):
-            step = GraphedStep(graphed.model, graphed.teacher, graphed.optimizer, graphed.device, False,
-                               method=graphed.method, batch_size=8)
-            got = run(graphed, data, step)
-        records = warnings_of(caplog)
-        assert len(records) == 1 and "'crd'" in records[0].getMessage()
-        assert step.stats["eager"] == 5
-        assert_same(got, expected)
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+        got = run(graphed, data, step)
+    records = warnings_of(caplog)
+    assert len(records) == 1 and "'crd'" in records[0].getMessage()
+    assert step.stats["eager"] == 5
+    assert_same(got, expected)
 
 
 @needs_cuda
