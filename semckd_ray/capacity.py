@@ -26,7 +26,7 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 # Float shares (0.1 GPU x 10) are compared with this slack, as Ray does with its fixed-point units.
-_EPS = 1e-6
+SLACK = 1e-6
 
 Growth = Literal["fixed", "known", "unknown"]
 
@@ -41,7 +41,7 @@ def worker_resources(scaling) -> dict[str, float]:
 
 def workers_on(resources: dict[str, float], per_worker: dict[str, float]) -> int:
     """Workers a node with ``resources`` (its totals) holds at once."""
-    counts = [math.floor(resources.get(name, 0.0) / need + _EPS) for name, need in per_worker.items() if need > 0]
+    counts = [math.floor(resources.get(name, 0.0) / need + SLACK) for name, need in per_worker.items() if need > 0]
     return max(0, min(counts)) if counts else 0
 
 
@@ -67,13 +67,16 @@ class ClusterGrowth:
             return True
         return any(t.max_count > 0 and workers_on(t.resources, per_worker) > 0 for t in self.node_types)
 
+    def added_nodes(self) -> list[dict[str, float]]:
+        """The totals of every node the autoscaler may add (none on a fixed or an ``unknown`` cluster)."""
+        return [t.resources for t in self.node_types for _ in range(max(0, t.max_count))]
+
     def most_trials(self, now: list[dict[str, float]], per_worker: dict[str, float],
                     workers_per_trial: int) -> int | None:
         """Trials the cluster holds at its largest; None when nobody says how large that is."""
         if self.kind == "unknown":
             return None
-        grown = list(now) + [t.resources for t in self.node_types for _ in range(max(0, t.max_count))]
-        return trials_that_fit(grown, per_worker, workers_per_trial)
+        return trials_that_fit(list(now) + self.added_nodes(), per_worker, workers_per_trial)
 
 
 def node_totals(nodes: list[dict[str, Any]]) -> list[dict[str, float]]:

@@ -91,31 +91,30 @@ def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once
     that fits on the nodes the autoscaler may add waits for them; where the autoscaler did not tell
     Ray what it may add, a training that fits nowhere now is warned about, not refused.
     """
-    from semckd_ray.capacity import ClusterGrowth, node_totals, worker_resources, workers_on
+    from semckd_ray.capacity import SLACK, ClusterGrowth, node_totals, worker_resources
+    from semckd_ray.nodes import can_host_worker
 
     growth = growth or ClusterGrowth("fixed")
     scaling = cfg.scaling
-    per_worker = worker_resources(scaling)
     workers = scaling.num_workers * trials_at_once
     need_cpu = workers * scaling.cpus_per_worker
     need_gpu = workers * scaling.gpus_per_worker if scaling.use_gpu else 0
-    grown = ([] if growth.kind == "fixed" else
-             [t.resources for t in growth.node_types for _ in range(max(0, t.max_count))])
+    grown = growth.added_nodes()
     have_cpu = capacity.get("CPU", 0.0) + sum(r.get("CPU", 0.0) for r in grown)
     have_gpu = capacity.get("GPU", 0.0) + sum(r.get("GPU", 0.0) for r in grown)
     where = "the cluster has" if growth.kind == "fixed" else "the cluster can grow to"
     problems = []
     gpu_share = f" x scaling.gpus_per_worker={scaling.gpus_per_worker:g}" if scaling.gpus_per_worker != 1 else ""
-    if need_cpu > have_cpu + 1e-6:
+    if need_cpu > have_cpu + SLACK:
         problems.append(f"{need_cpu:g} CPUs (scaling.num_workers={scaling.num_workers} x "
                         f"scaling.cpus_per_worker={scaling.cpus_per_worker:g}) but {where} {have_cpu:g}")
-    if need_gpu > have_gpu + 1e-6:
+    if need_gpu > have_gpu + SLACK:
         problems.append(f"{need_gpu:g} GPUs (scaling.num_workers={scaling.num_workers}{gpu_share}) "
                         f"but {where} {have_gpu:g}")
-    now = node_totals(nodes or [])
-    if nodes and not any(workers_on(n, per_worker) for n in now) and not growth.could_host(per_worker):
+    fits_nowhere = nodes and not any(can_host_worker(n, scaling) for n in nodes)
+    if fits_nowhere and not growth.could_host(worker_resources(scaling)):
         first = ("GPU", "CPU") if scaling.use_gpu else ("CPU", "GPU")
-        largest = max(now + grown, key=lambda r: [r.get(k, 0.0) for k in first])
+        largest = max(node_totals(nodes) + grown, key=lambda r: [r.get(k, 0.0) for k in first])
         gpu = f" and {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else ""
         problems.append(f"{scaling.cpus_per_worker:g} CPUs{gpu} on one node for each worker "
                         f"(scaling.cpus_per_worker={scaling.cpus_per_worker:g}"

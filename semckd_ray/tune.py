@@ -175,7 +175,7 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
     from ray import tune
     from ray.util.queue import Queue
 
-    from semckd_ray.trainer import fit
+    from semckd_ray.trainer import close_run, fit
 
     reports = Queue(actor_options={"num_cpus": 0})
     seeds = []
@@ -227,7 +227,7 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
                 logger.log_metrics(mean, step=reported)
             if reported == last:
                 logger.flush()
-                client.set_terminated(run_id, "FINISHED")
+                close_run(client, run_id, "FINISHED")
             tune.report(mean)
         if len(done) == repeats:
             break
@@ -241,8 +241,6 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
             if kind == "diverged":
                 diverged[k] = value
     if diverged:
-        from semckd_ray.trainer import close_run
-
         logger.flush()
         reason = "; ".join(f"seed {k} diverged in epoch {int(e)}" for k, e in sorted(diverged.items()))
         client.set_tag(run_id, "stopped_reason", reason)
