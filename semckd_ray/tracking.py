@@ -1,8 +1,8 @@
-"""MLflow at the edges: where runs go, how they are created, and logging that survives outages.
+"""MLflow at the edges: where runs go, which server is reached and how, and what never reaches it.
 
-The driver creates the run (so a restarted worker keeps logging into the same one) and closes it;
-rank 0 of the training workers logs metrics and artifacts into it through ``RunLogger``, which
-keeps whatever the server refused and sends it once the server is back.
+The driver creates the run (so a restarted worker keeps logging into the same one) and closes it,
+with MLflow's own retries; rank 0 of the training workers logs into it through
+``semckd_ray.spool.SpooledLogger``, which loses nothing when the server is down.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import logging
 import os
 import re
 import subprocess
-import time
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,23 @@ log = logging.getLogger(__name__)
 PARENT_RUN_TAG = "mlflow.parentRunId"
 # Environment variables whose values must never reach params, tags or artifacts.
 SECRET_MARKERS = ("PASSWORD", "TOKEN", "SECRET", "KEY", "CREDENTIAL")
+
+
+# The tracking-store schemes of MLflow 3.17.2 (``mlflow.tracking._tracking_service.utils.
+# _tracking_store_registry``; "" there is a bare path, refused here), written out so that a URI is
+# checked before Ray starts without importing mlflow. tests/test_credentials.py keeps them in step.
+MLFLOW_STORE_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
+                        "databricks", "databricks-uc", "uc")
+# The synchronous SQLAlchemy drivers of MLflow's databases (``mysql+pymysql://...``).
+DB_DRIVERS = {
+    "sqlite": ("pysqlite", "pysqlcipher"),
+    "postgresql": ("psycopg2", "psycopg", "pg8000", "psycopg2cffi"),
+    "mysql": ("mysqldb", "pymysql", "mysqlconnector", "cymysql", "mariadbconnector", "pyodbc"),
+    "mssql": ("pyodbc", "pymssql"),
+}
+# Health is open on MLflow's basic-auth app; this read needs the credentials.
+AUTH_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -46,19 +61,130 @@ def browse_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1 --port 5000"
 
 
-def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, before any training, when the tracking store cannot be used."""
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                if response.status == 200:
-                    return
-                problem = f"HTTP {response.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            problem = str(getattr(exc, "reason", exc))
+def _plugin_schemes() -> set[str]:
+    """Schemes that installed MLflow plugins register (entry points, read without importing mlflow)."""
+    from importlib.metadata import entry_points
+
+    try:
+        return {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+    except Exception:  # a broken distribution's metadata must not stop a training
+        return set()
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a URI that MLflow has no tracking store for, naming the schemes it has."""
+    import urllib.parse
+
+    shown = redact(uri)
+    allowed = ", ".join(f"{s}:" for s in (*MLFLOW_STORE_SCHEMES, *sorted(_plugin_schemes())))
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if not scheme or len(scheme) == 1:
         raise UserError(
-            f"MLflow tracking server {uri} is unreachable ({problem}). Start it (for example "
+            f"MLflow tracking URI {shown!r} is a bare path, not a URI: write sqlite:///ABSOLUTE/PATH.db "
+            f"(or http://HOST:PORT for an MLflow server); MLflow's tracking stores are {allowed}"
+        )
+    base, plus, driver = scheme.partition("+")
+    if plus and base in DB_DRIVERS:
+        if driver not in DB_DRIVERS[base]:
+            raise UserError(
+                f"MLflow tracking URI {shown!r}: {driver!r} is not a SQLAlchemy driver of {base} (they are "
+                f"{', '.join(DB_DRIVERS[base])}); write {base}://... for the default one"
+            )
+        return
+    if scheme not in MLFLOW_STORE_SCHEMES and scheme not in _plugin_schemes():
+        raise UserError(
+            f"MLflow tracking URI {shown!r}: MLflow has no tracking store for {scheme}:; its tracking "
+            f"stores are {allowed} (for example sqlite:///ABSOLUTE/PATH.db or http://HOST:5000)"
+        )
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        raise UserError(
+            f"MLflow tracking URI {shown!r}: MLflow 3.17 refuses file: stores unless "
+            "MLFLOW_ALLOW_FILE_STORE=true is set; set it, or use sqlite:///ABSOLUTE/PATH.db instead"
+        )
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://user:password@host/...`` -> (``http://host/...``, user, password), percent-decoded."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    return (urllib.parse.urlunsplit(parts._replace(netloc=host)), urllib.parse.unquote(user),
+            urllib.parse.unquote(password) if colon else None)
+
+
+def _authorization(user: str | None, password: str | None) -> tuple[str | None, str]:
+    """The ``Authorization`` header MLflow's client sends, and where its credentials come from.
+
+    As MLflow's client does (requests puts a URL's userinfo above MLflow's own header): the URI's
+    ``user:password@`` first, then ``MLFLOW_TRACKING_USERNAME`` with ``MLFLOW_TRACKING_PASSWORD``,
+    then ``MLFLOW_TRACKING_TOKEN``.
+    """
+    import base64
+
+    def basic(name: str, secret: str) -> str:
+        return "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode("ascii")
+
+    if user:
+        return basic(user, password or ""), "the URI's user:password@"
+    env_user, env_password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if env_user and env_password:
+        return basic(env_user, env_password), "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}", "MLFLOW_TRACKING_TOKEN"
+    return None, "no credentials"
+
+
+def _get(url: str, authorization: str | None, timeout_s: float) -> tuple[int, str]:
+    """(HTTP status, problem) of a GET of ``url``; status 0 when nothing answers."""
+    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return exc.code, f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(getattr(exc, "reason", exc))
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, before any training, when the tracking store cannot be used.
+
+    An MLflow server is asked for ``/health`` and then for one experiment, with the credentials
+    MLflow's client would send, so a server that wants other credentials is refused here, not in
+    the middle of a training. No error names a password.
+    """
+    check_tracking_uri(uri)
+    shown = redact(uri)
+    if uri.startswith(("http://", "https://")):
+        plain, user, password = split_credentials(uri)
+        base = plain.rstrip("/")
+        status, problem = _get(base + "/health", None, timeout_s)
+        if status == 200:
+            authorization, source = _authorization(user, password)
+            status, problem = _get(base + AUTH_PROBE, authorization, timeout_s)
+            if status == 200:
+                return
+            if status in (401, 403) and authorization:
+                raise UserError(
+                    f"MLflow server {shown} refused the credentials ({problem}) of {source}: check "
+                    f"{CREDENTIAL_VARIABLES}, or the user:password@ of tracking.uri / $MLFLOW_TRACKING_URI"
+                )
+            if status in (401, 403):
+                raise UserError(
+                    f"MLflow server {shown} requires credentials ({problem}): set {CREDENTIAL_VARIABLES}, "
+                    "or write them into the URI, http://USER:PASSWORD@HOST:PORT"
+                )
+            # Anything else (a proxy that routes only part of the API, say) is left to MLflow's client.
+            log.debug("MLflow server %s: %s answered %s", shown, AUTH_PROBE, problem)
+            return
+        raise UserError(
+            f"MLflow tracking server {shown} is unreachable ({redact(problem)}). Start it (for example "
             f"'mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db'), "
             "or point 'tracking.uri' / $MLFLOW_TRACKING_URI at a running server or at a "
             "sqlite:///ABSOLUTE/PATH.db file."
@@ -154,83 +280,15 @@ def params_for_mlflow(flat: dict[str, Any]) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in redact(flat).items()}
 
 
-class RunLogger:
-    """Logs into one MLflow run; what the store refuses is kept and sent when it is back.
+def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
+    """Log ``params`` (redacted, as strings) in batches of MLflow's limit of 100."""
+    from mlflow.entities import Param
 
-    Training never stops because tracking is down: each failed call is queued, a warning is
-    printed once per outage, and every later call first tries to send the queue in order.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        # Fail fast inside a call instead of MLflow's default minutes of retries with backoff:
-        # the queue is the retry.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        self.run_id = run_id
-        self._client = client(tracking_uri)
-        self._pending: list[tuple[str, tuple, dict]] = []
-        self._outage_since: float | None = None
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        # MLflow accepts at most 1000 metrics per batch.
-        for start in range(0, len(batch), 1000):
-            self._call("log_batch", self.run_id, metrics=batch[start : start + 1000])
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in params_for_mlflow(params).items()]
-        for start in range(0, len(items), 100):
-            self._call("log_batch", self.run_id, params=items[start : start + 100])
-
-    def set_tag(self, key: str, value: Any) -> None:
-        self._call("set_tag", self.run_id, key, str(value))
-
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", self.run_id, str(path), artifact_path)
-
-    def flush(self) -> bool:
-        """Send what is queued; True when nothing is left."""
-        while self._pending:
-            name, args, kwargs = self._pending[0]
-            try:
-                getattr(self._client, name)(*args, **kwargs)
-            except Exception as exc:  # any store or network error: keep it for later
-                self._note_outage(exc)
-                return False
-            self._pending.pop(0)
-        if self._outage_since is not None:
-            log.warning("MLflow is reachable again; sent everything kept during the outage")
-            self._outage_since = None
-        return True
-
-    def _call(self, name: str, *args, **kwargs) -> None:
-        self._pending.append((name, args, kwargs))
-        self.flush()
-
-    def _note_outage(self, exc: Exception) -> None:
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            warnings.warn(
-                f"MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on "
-                "and the metrics are kept until the tracking server is back",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    items = [Param(k, v) for k, v in params_for_mlflow(params).items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
-def last_logged_step(tracking_uri: str, run_id: str, key: str) -> int:
-    """The last step logged for ``key`` (-1 if none): a resumed run does not log an epoch twice."""
-    try:
-        history = client(tracking_uri).get_metric_history(run_id, key)
-    except Exception:
-        return -1
-    return max((m.step for m in history), default=-1)
+def logged_steps(mlflow_client, run_id: str, key: str) -> set[int]:
+    """The steps the run has logged for ``key``: a resumed run does not log an epoch twice."""
+    return {m.step for m in mlflow_client.get_metric_history(run_id, key)}

@@ -9,7 +9,7 @@ import argparse
 
 from semckd_ray.cli import config_arguments, run_cli
 from semckd_ray.config import load_train_config
-from semckd_ray.tracking import browse_hint
+from semckd_ray.tracking import browse_hint, redact
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  use as a teacher         teacher.checkpoint=runs:/{result.run_id}")
     if result.registered_model:
         print(f"  registered               {result.registered_model}")
+    if result.spool:
+        print(f"\nMLflow could not be reached at the end: what it is missing, and the run's close, wait in\n"
+              f"  {redact(result.spool)}\nsend them once the server is back with\n"
+              f"  python -m semckd_ray.sync --storage {redact(result.storage_root)}")
     print(f"\nbrowse it: {browse_hint(result.tracking_uri)}")
     return 0
 

@@ -222,8 +222,12 @@ class TrainingState:
 
 
 def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | None = None,
-               tracking_uri: str | None = None) -> dict[str, float]:
-    """Train one student (or a teacher, with method ``vanilla``) and return the final metrics."""
+               tracking_uri: str | None = None, spool: str | None = None) -> dict[str, float]:
+    """Train one student (or a teacher, with method ``vanilla``) and return the final metrics.
+
+    With ``run_id``, rank 0 logs into that MLflow run; ``spool`` is the folder on the storage path
+    where what the server did not get yet waits (see ``semckd_ray.spool``).
+    """
     cfg = TrainConfig.model_validate(train_config)
     env = WorkerEnv.detect(cfg.scaling.use_gpu)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -318,7 +322,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         graphed = GraphedStep(model, teacher, optimizer, env.device, amp, method=method, batch_size=batch)
 
     nodes = _gather(reporter.node())
-    tracker = _Tracker(tracking_uri, run_id) if env.rank == 0 and run_id else None
+    tracker = _Tracker(tracking_uri, run_id, spool) if env.rank == 0 and run_id else None
     if tracker is not None:
         tracker.logger.set_tag("worker_nodes", ",".join(nodes))
     final: dict[str, float] = {}
@@ -378,7 +382,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             if tracker is not None:
                 tracker.epoch(metrics, epoch)
                 tracker.logger.set_tag("stopped_reason", reason)
-                tracker.close()
+                tracker.close("FAILED", f"training loss diverged in epoch {epoch}")
             reporter.report(metrics, None)
             if env.rank == 0:
                 print(f"[{cfg.name}] stopped: {reason}", flush=True)
@@ -397,12 +401,14 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
                     tracker.attention(attention, epoch, title=f"{cfg.teacher.model} -> {cfg.student.model}")
                 if last:
                     tracker.final(cfg, distiller, best_weights)
+                if save:  # what this checkpoint's epochs logged outlives the worker with it
+                    tracker.logger.checkpoint()
             reporter.report(metrics, checkpoint_dir)
         if env.rank == 0:
             _print_progress(cfg, metrics, epoch, seconds)
         final = metrics
     if tracker is not None:
-        tracker.close()
+        tracker.close("FINISHED")
     return final
 
 
@@ -467,11 +473,20 @@ def _weights(distiller: Distiller, epoch: int, cfg: TrainConfig) -> dict[str, An
     """The student in the official checkpoint format, with the method's modules and the config beside it."""
     return {
         "format": CHECKPOINT_FORMAT,
-        "config": cfg.model_dump(mode="json"),
+        "config": _saved_config(cfg),
         "epoch": epoch,
         "model": {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()},
         "method": {k: v.detach().cpu().clone() for k, v in distiller.method.state_dict().items()},
     }
+
+
+def _saved_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config a checkpoint keeps, without credentials: the tracking URI's ``user:password@`` is
+    dropped (whoever reads the checkpoint again brings their own, from their URI or MLflow's
+    ``MLFLOW_TRACKING_*`` variables), and any secret of the environment becomes ``<redacted>``."""
+    from semckd_ray.tracking import redact
+
+    return redact(cfg.model_dump(mode="json"))
 
 
 def _rng_state(env: WorkerEnv) -> dict[str, Tensor]:
@@ -486,7 +501,7 @@ def _save(folder: Path, cfg: TrainConfig, distiller, optimizer, state: TrainingS
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
-            "config": cfg.model_dump(mode="json"),
+            "config": _saved_config(cfg),
             "model": distiller.student.state_dict(),
             "method": distiller.method.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -530,20 +545,20 @@ def _print_progress(cfg: TrainConfig, m: dict[str, float], epoch: int, seconds: 
 
 
 class _Tracker:
-    """Rank 0's MLflow logging: per-epoch metrics and, at the end, the best and last checkpoints."""
+    """Rank 0's MLflow logging: per-epoch metrics and, at the end, the best and last checkpoints.
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        from semckd_ray.tracking import RunLogger, last_logged_step
+    A restarted worker logs into the same run; an epoch the run has already is not logged again.
+    """
 
-        self.logger = RunLogger(tracking_uri, run_id)
-        # After a restart the epochs already logged are not logged again.
-        self.logged_up_to = last_logged_step(tracking_uri, run_id, "epoch")
-        # Artifacts wait here until MLflow has them, also through an outage.
+    def __init__(self, tracking_uri: str, run_id: str, spool: str | None):
+        from semckd_ray.spool import SpooledLogger
+
+        self.logger = SpooledLogger(tracking_uri, run_id, spool)
+        # Artifacts wait here until MLflow (or the spool) has them.
         self.folder = Path(tempfile.mkdtemp(prefix="semckd-artifacts-"))
 
     def epoch(self, metrics: dict[str, float], epoch: int) -> None:
-        if epoch > self.logged_up_to:
-            self.logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+        self.logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
 
     def attention(self, attention: Tensor, epoch: int, title: str) -> None:
         from semckd_ray.attention import plot_attention
@@ -568,9 +583,10 @@ class _Tracker:
             self.logger.set_tag(f"checkpoint.{kind}.sha256", sha256_file(path))
             self.logger.set_tag(f"checkpoint.{kind}.path", f"checkpoints/{path.name}")
 
-    def close(self) -> None:
-        if self.logger.flush():
-            shutil.rmtree(self.folder, ignore_errors=True)
-        else:
-            log.warning("MLflow is still unreachable; %d logging calls were not sent (artifacts kept in %s)",
-                        self.logger.pending, self.folder)
+    def close(self, status: str, reason: str | None = None) -> None:
+        self.logger.end(status, reason)
+        left = self.logger.close()
+        shutil.rmtree(self.folder, ignore_errors=True)  # sent, or copied into the spool
+        if left:
+            log.warning("MLflow is still unreachable; %d logging calls wait in the spool, to be sent by the "
+                        "driver, a resumed training or `python -m semckd_ray.sync`", left)

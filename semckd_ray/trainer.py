@@ -15,6 +15,7 @@ from typing import Any
 from semckd_ray import tracking
 from semckd_ray.config import TrainConfig, flatten
 from semckd_ray.errors import UserError
+from semckd_ray.spool import spool_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class TrainResult:
     checkpoint_path: str | None
     tracking_uri: str
     registered_model: str | None = None
+    spool: str | None = None  # where what MLflow did not get waits for `python -m semckd_ray.sync`
+    storage_root: str | None = None  # the storage path: checkpoints and spools
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,18 +203,17 @@ def start_run(cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[
         run_tags[tracking.PARENT_RUN_TAG] = parent_run_id
     run_name = cfg.tracking.run_name or f"{cfg.name}-{cfg.method.name}-{cfg.student.model}"
     run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tracking.redact(run_tags))
-    logger = tracking.RunLogger(cfg.tracking.uri, run.info.run_id)
     params = flatten(cfg.model_dump(mode="json"))
     params["method.beta_effective"] = cfg.beta()
     params["optim.lr_effective"] = cfg.peak_lr()
     params["optim.batch_size_per_worker"] = cfg.per_worker_batch()  # optim.batch_size is the global batch
     params["scaling.world_size"] = cfg.scaling.num_workers
-    logger.log_params(params)
-    _log_config_file(logger, cfg)
+    tracking.log_params(mlflow_client, run.info.run_id, params)
+    _log_config_file(mlflow_client, run.info.run_id, cfg)
     return run.info.run_id
 
 
-def _log_config_file(logger: tracking.RunLogger, cfg: TrainConfig) -> None:
+def _log_config_file(mlflow_client, run_id: str, cfg: TrainConfig) -> None:
     import tempfile
 
     import yaml
@@ -219,7 +221,7 @@ def _log_config_file(logger: tracking.RunLogger, cfg: TrainConfig) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(tracking.redact(cfg.model_dump(mode="json")), sort_keys=False))
-        logger.log_artifact(path)
+        mlflow_client.log_artifact(run_id, str(path))
 
 
 # ------------------------------------------------------------------------------------------
@@ -230,7 +232,8 @@ def _ray_worker_entry(config: dict[str, Any]) -> dict[str, float]:
     from semckd_ray.train_loop import run_worker
 
     # Rank 0's final metrics come back as the Result's return_value.
-    return run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"])
+    return run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"],
+                      spool=config["spool"])
 
 
 class RayReporter:
@@ -276,7 +279,7 @@ def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbac
     return TorchTrainer(
         _ray_worker_entry,
         train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id,
-                           "tracking_uri": cfg.tracking.uri},
+                           "tracking_uri": cfg.tracking.uri, "spool": spool_dir(storage_path(cfg), run_id)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
@@ -293,7 +296,6 @@ def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbac
 
 def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, callbacks: list | None = None) -> TrainResult:
     """Run one training that logs into the MLflow run ``run_id`` and close that run."""
-    mlflow_client = tracking.client(cfg.tracking.uri)
     # Ray's default of 60 s for a worker group to start is too short on a small, busy machine,
     # where importing torch in a fresh worker alone can take that long. Ray Train forwards this
     # variable from here to its controller.
@@ -303,18 +305,39 @@ def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, cal
         result = trainer.fit()
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        _terminate(mlflow_client, run_id, status, reason=f"{type(exc).__name__}: {exc}")
+        finish_run(cfg, run_id, status, reason=f"{type(exc).__name__}: {exc}")
         raise
     # The last epoch's metrics: Result.metrics are those of the latest checkpoint, and the epoch
     # a diverged run stops in has none.
     metrics = dict(result.return_value or result.metrics or {})
     if metrics.get("diverged"):
-        _terminate(mlflow_client, run_id, "FAILED", reason=f"training loss diverged in epoch {metrics.get('epoch')}")
+        spooled = finish_run(cfg, run_id, "FAILED", reason=f"training loss diverged in epoch {metrics.get('epoch')}")
     else:
-        _terminate(mlflow_client, run_id, "FINISHED")
+        spooled = finish_run(cfg, run_id, "FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint,
-                       tracking_uri=cfg.tracking.uri)
+                       tracking_uri=cfg.tracking.uri, spool=spooled, storage_root=storage_path(cfg))
+
+
+def finish_run(cfg: TrainConfig, run_id: str, status: str, reason: str | None = None) -> str | None:
+    """Close the run ``status``, after sending what its workers spooled; returns the spool folder when
+    MLflow cannot be reached even with its own retries, and that folder then holds the close too."""
+    from semckd_ray import storage
+    from semckd_ray.spool import send_spool, spool_close
+
+    mlflow_client = tracking.client(cfg.tracking.uri)
+    folder = spool_dir(storage_path(cfg), run_id)
+    try:
+        if storage.exists(folder):
+            send_spool(mlflow_client, run_id, folder)
+        close_run(mlflow_client, run_id, status, reason)
+        return None
+    except Exception as exc:  # the server is down at the very end: the training's result still stands
+        spool_close(folder, status, reason)
+        log.warning("MLflow is unreachable (%s): run %s is kept in %s, to be sent and closed as %s by "
+                    "'python -m semckd_ray.sync --storage %s'", tracking.redact(str(exc))[:300], run_id,
+                    tracking.redact(folder), status, tracking.redact(storage_path(cfg)))
+        return folder
 
 
 def register_model(cfg: TrainConfig, run_id: str) -> str | None:
@@ -392,5 +415,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_cluster(cfg)  # tracking, storage and data as every node sees them, before the run exists
     run_id = start_run(cfg)
     result = fit(cfg, run_id=run_id)
-    result.registered_model = register_model(cfg, run_id)
+    if result.spool is None:  # MLflow down at the end: nothing to register into; `sync` says so
+        result.registered_model = register_model(cfg, run_id)
     return result

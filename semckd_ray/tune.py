@@ -175,7 +175,8 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
     from ray import tune
     from ray.util.queue import Queue
 
-    from semckd_ray.trainer import close_run, fit
+    from semckd_ray.spool import SpooledLogger, spool_dir
+    from semckd_ray.trainer import finish_run, fit
 
     reports = Queue(actor_options={"num_cpus": 0})
     seeds = []
@@ -206,7 +207,7 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
     for k in range(repeats):
         if k not in finished:
             threading.Thread(target=train, args=(k,), name=f"seed{k}", daemon=True).start()
-    logger = tracking.RunLogger(cfg.tracking.uri, run_id)
+    logger = SpooledLogger(cfg.tracking.uri, run_id, spool_dir(cfg.tracking.storage_path, run_id), writer="trial")
     done, diverged = set(finished), {}
     last = cfg.optim.epochs
 
@@ -226,8 +227,8 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
             if reported not in logged:
                 logger.log_metrics(mean, step=reported)
             if reported == last:
-                logger.flush()
-                close_run(client, run_id, "FINISHED")
+                logger.close()
+                finish_run(cfg, run_id, "FINISHED")
             tune.report(mean)
         if len(done) == repeats:
             break
@@ -241,10 +242,10 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
             if kind == "diverged":
                 diverged[k] = value
     if diverged:
-        logger.flush()
         reason = "; ".join(f"seed {k} diverged in epoch {int(e)}" for k, e in sorted(diverged.items()))
-        client.set_tag(run_id, "stopped_reason", reason)
-        close_run(client, run_id, "FAILED", reason)
+        logger.set_tag("stopped_reason", reason)
+        logger.close()
+        finish_run(cfg, run_id, "FAILED", reason)
 
 
 def _seed_reports(queue, seed_index: int):
@@ -375,7 +376,7 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
         if sweep_dir is not None:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             (sweep_dir / SWEEP_FILE).write_text(json.dumps(
-                {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": base.tracking.uri}))
+                {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": tracking.redact(base.tracking.uri)}))
     print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, up to {capacity()} at a time on the "
           f"cluster as it is now; MLflow parent run {parent_run_id}", flush=True)
     try:
@@ -396,17 +397,16 @@ def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw:
         "dataset": base.data.dataset, "method": base.method.name,
         "student": base.student.model, "teacher": base.teacher.model if base.teacher else "",
     })
-    logger = tracking.RunLogger(base.tracking.uri, run.info.run_id)
     params = {f"search.{k}": v for k, v in flatten(search.model_dump(mode="json")).items()}
     params.update({"searcher": "optuna.TPESampler", "scheduler": search.scheduler.type, "metric": METRIC})
     params.update({f"base.{k}": v for k, v in flatten(base.model_dump(mode="json")).items()})
-    logger.log_params(params)
+    tracking.log_params(client, run.info.run_id, params)
     with tempfile.TemporaryDirectory() as tmp:
         import yaml
 
         path = Path(tmp) / "experiment.yaml"
         path.write_text(yaml.safe_dump(tracking.redact(raw), sort_keys=False))
-        logger.log_artifact(path)
+        client.log_artifact(run.info.run_id, str(path))
     return run.info.run_id
 
 
