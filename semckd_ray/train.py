@@ -15,12 +15,15 @@ from semckd_ray.tracking import browse_hint, redact
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m semckd_ray.train", description=__doc__.splitlines()[0])
     config_arguments(parser, config_required=True)
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                        help="continue an interrupted training in its MLflow run from its latest checkpoint: the "
+                             "latest of this config, or the training's folder PATH on the storage path")
     args = parser.parse_args(argv)
     cfg = load_train_config(args.config, args.overrides)
 
     from semckd_ray.trainer import train
 
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
     m = result.metrics
     print(f"\nrun {result.run_id} finished after epoch {m.get('epoch')}:")
     for key in ("best_val_top1", "best_epoch", "test_top1_at_best_val", "test_top1_last"):

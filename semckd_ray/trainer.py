@@ -399,8 +399,15 @@ def find_finished_run(cfg: TrainConfig, digest: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Everything ``python -m semckd_ray.train`` does: check, start Ray, run, close the run."""
+TRAIN_FILE = "semckd_train.json"  # in a training's folder on the storage path: what --resume needs
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Everything ``python -m semckd_ray.train`` does: check, start Ray, run, close the run.
+
+    ``resume``: ``"latest"`` or a training's folder on the storage path: continue that interrupted
+    training in its own MLflow run from its latest checkpoint, instead of starting a new one.
+    """
     from semckd_ray.nodes import alive_nodes, check_cluster
     from semckd_ray.teacher import ensure_teacher
 
@@ -408,13 +415,70 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(cfg.tracking.uri)
     cfg = preflight(ensure_teacher(cfg))
+    resumed = find_training(cfg, resume) if resume else None  # before Ray starts: a wrong path is refused
     ensure_ray()
     from semckd_ray.capacity import cluster_growth
 
     check_resources(cfg, cluster_capacity(), nodes=alive_nodes(), growth=cluster_growth())
-    check_cluster(cfg)  # tracking, storage and data as every node sees them, before the run exists
-    run_id = start_run(cfg)
-    result = fit(cfg, run_id=run_id)
+    root = check_cluster(cfg)  # tracking, storage and data as every node sees them, before the run exists
+    if resumed is not None:
+        run_id, name = resumed
+        tracking.client(cfg.tracking.uri).update_run(run_id, status="RUNNING")
+        print(f"[semckd-ray] resuming run {run_id} ({name})", flush=True)
+    else:
+        import json
+        import time
+
+        from semckd_ray import storage
+
+        run_id = start_run(cfg)
+        name = f"{cfg.name}-{run_id}"
+        storage.write_text(storage.join(root, name, TRAIN_FILE), json.dumps(
+            {"run_id": run_id, "name": name, "config_sha256": config_digest(cfg), "started": time.time()}))
+    result = fit(cfg, run_id=run_id, train_run_name=name)
     if result.spool is None:  # MLflow down at the end: nothing to register into; `sync` says so
         result.registered_model = register_model(cfg, run_id)
     return result
+
+
+def find_training(cfg: TrainConfig, resume: str) -> tuple[str, str]:
+    """``(run id, Ray Train run name)`` of the training ``--resume`` continues; a clear error otherwise.
+
+    ``resume`` is ``"latest"`` (the newest unfinished training of this config under the storage path)
+    or the training's folder. Its config must be this one: a resumed run computes what it started.
+    """
+    import json
+
+    from semckd_ray import storage
+    from semckd_ray.nodes import storage_path as resolve
+
+    root = resolve(cfg, [], check=False)
+    if resume != "latest":
+        folders = [resume]
+    else:
+        folders = [storage.join(root, name) for name in storage.list_dir(root) if name.startswith(f"{cfg.name}-")]
+    found = []
+    for folder in folders:
+        text = storage.read_text(storage.join(folder, TRAIN_FILE))
+        if text:
+            found.append(json.loads(text))
+    if resume != "latest" and not found:
+        raise UserError(f"--resume {tracking.redact(resume)}: no training there (missing {TRAIN_FILE}); pass the "
+                        f"folder of a training under the storage path, e.g. {tracking.redact(root)}/{cfg.name}-RUNID")
+    mlflow_client = tracking.client(cfg.tracking.uri)
+    digest = config_digest(cfg)
+    for info in sorted(found, key=lambda i: i["started"], reverse=True):
+        try:
+            status = mlflow_client.get_run(info["run_id"]).info.status
+        except Exception:
+            continue  # its run is in another tracking store
+        if status == "FINISHED":
+            if resume != "latest":
+                raise UserError(f"--resume {tracking.redact(resume)}: run {info['run_id']} has finished already")
+            continue
+        if info["config_sha256"] != digest:
+            raise UserError(f"--resume: run {info['run_id']} ({info['name']}) trained another config; resume it with "
+                            "the config file and --set values it started with, or start a new training")
+        return info["run_id"], info["name"]
+    raise UserError(f"--resume: no unfinished training of {cfg.name!r} under {tracking.redact(root)} in the tracking "
+                    f"store {tracking.redact(cfg.tracking.uri)}; pass its folder: --resume PATH")
