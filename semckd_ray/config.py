@@ -8,22 +8,109 @@ naming the dotted key and what is allowed, before any cluster resource is taken.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from semckd_ray.errors import UserError
 
 # Students the official code trains with lr 0.01 instead of 0.05 (SPEC section 7).
 SMALL_LR_MODELS = frozenset({"MobileNetV2", "ShuffleV1", "ShuffleV2"})
 
+# The largest seed (``seed``, ``data.split_seed``, ``search.seed``) every consumer takes: numpy's
+# RandomState, and so Optuna's TPE sampler, takes [0, 2**32); torch.manual_seed and torch.Generator
+# take [0, 2**64); numpy's SeedSequence (the data pipeline's streams, ``worker_seed``) takes any
+# non-negative integer and gives seeds below 2**63. 2**32 - 1 works for all of them.
+MAX_SEED = 2**32 - 1
+# Checkpoints are folders ``epoch_%05d`` and the latest is found by sorting their names: an epoch
+# number above 99999 would sort before a smaller one.
+MAX_EPOCHS = 99_999
+# Ray keeps resource quantities in units of 1/10000 (ray._raylet.RESOURCE_UNIT_SCALING): a smaller
+# share is 0 to Ray, and one that is no multiple of it is silently rounded down.
+RAY_RESOURCE_UNIT = 1e-4
+MAX_CPUS_PER_WORKER = 1e6  # far beyond any node, far below Ray's fixed-point limit
+MAX_NAME_BYTES = 200  # ``{name}-{run id}`` is a folder name: at most 255 bytes on common filesystems
+
+
+def _kinds(annotation: Any) -> tuple[set[type], Any]:
+    """The scalar types (bool, int, float, str) a field takes, and its list element annotation if any."""
+    kinds: set[type] = set()
+    element = None
+    stack = [annotation]
+    while stack:
+        ann = stack.pop()
+        origin = typing.get_origin(ann)
+        if origin in (typing.Union, types.UnionType):
+            stack.extend(typing.get_args(ann))
+        elif origin is typing.Annotated:
+            stack.append(typing.get_args(ann)[0])
+        elif origin is Literal:
+            kinds.update(type(v) for v in typing.get_args(ann))
+        elif origin is list:
+            args = typing.get_args(ann)
+            element = args[0] if args else Any
+        elif ann in (bool, int, float, str):
+            kinds.add(ann)
+    return kinds, element
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def check_no_coercion(value: Any, annotation: Any) -> Any:
+    """Refuse what pydantic's lax mode would silently convert into another kind of value.
+
+    A boolean is never a number (``lr: true`` is not 1.0), a string is never a number or a
+    boolean (``"0.1"``, ``"yes"``), and a number is never a boolean (``use_gpu: 1``). An integer
+    where a float belongs (``lr: 1``) and an integral float where an integer belongs (``2.0``)
+    keep their meaning and are accepted.
+    """
+    kinds, element = _kinds(annotation)
+    if isinstance(value, list) and element is not None:
+        for item in value:
+            check_no_coercion(item, element)
+        return value
+    if not kinds or value is None:
+        return value
+    wanted = next((_KIND_WORDS[k] for k in (int, float, bool) if k in kinds), None)
+    if wanted is None:
+        return value
+    if isinstance(value, bool):
+        if bool not in kinds:
+            raise ValueError(f"must be {wanted}, not the boolean {str(value).lower()}")
+    elif isinstance(value, str):
+        if str not in kinds:
+            hint = " (write the number without quotes)" if wanted != "true or false" else ""
+            raise ValueError(f"must be {wanted}, not the string {value!r}{hint}")
+    elif isinstance(value, (int, float)) and not kinds & {int, float}:
+        raise ValueError(f"must be {wanted}, not {value!r}")
+    return value
+
 
 class _Section(BaseModel):
     # Non-finite numbers (YAML .inf/.nan) are never a meaningful setting: refused like any bad value.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        return value if field is None else check_no_coercion(value, field.annotation)
 
     @field_validator("*")
     @classmethod
@@ -41,8 +128,26 @@ class DataConfig(_Section):
     val_size: int | None = Field(default=None, ge=0)  # None: the dataset's default (CIFAR 5000)
     # Which images are held out for validation, apart from ``seed``: every seed of a sweep's trial
     # (search.repeats) is scored on the same split.
-    split_seed: int = Field(default=0, ge=0)
-    eval_batch_size: int = Field(default=256, ge=1)
+    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    eval_batch_size: int = Field(default=256, ge=1)  # larger than a split: the whole split at once
+
+    @model_validator(mode="after")
+    def _val_size_fits(self) -> DataConfig:
+        from semckd_ray.data import check_val_size
+
+        try:
+            check_val_size(self.dataset, self.val_size)  # the official split's size: no file is read
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def train_images(self) -> int:
+        """Images of the official training split left for training once the val split is held out."""
+        from semckd_ray.data.datasets import _entry
+
+        entry = _entry(self.dataset)
+        val = entry.default_val_size(entry.train_size) if self.val_size is None else self.val_size
+        return entry.train_size - val
 
 
 class TeacherConfig(_Section):
@@ -93,7 +198,7 @@ class MethodConfig(_Section):
 
 
 class OptimConfig(_Section):
-    epochs: int = Field(default=240, ge=1)
+    epochs: int = Field(default=240, ge=1, le=MAX_EPOCHS)
     # The global batch, as in the official code: each of N workers trains on batch_size / N, and
     # SemCKD's query/key MLPs are built for that per-worker batch (train_student.py divides
     # --batch_size by the number of GPUs before it builds them).
@@ -104,7 +209,7 @@ class OptimConfig(_Section):
     # official recipe is "none": its lr does not depend on the number of GPUs.
     lr_scaling: Literal["none", "linear"] = "none"
     lr_reference_batch: int = Field(default=64, ge=1)  # the global batch the lr is given for
-    warmup_epochs: int = Field(default=0, ge=0)
+    warmup_epochs: int = Field(default=0, ge=0, le=MAX_EPOCHS)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     lr_decay_epochs: list[int] = Field(default_factory=lambda: [150, 180, 210])
@@ -113,19 +218,19 @@ class OptimConfig(_Section):
     @field_validator("lr_decay_epochs")
     @classmethod
     def _sorted_positive(cls, epochs: list[int]) -> list[int]:
-        if any(e < 1 for e in epochs) or epochs != sorted(epochs):
-            raise ValueError("must be increasing epoch numbers >= 1")
+        if any(not 1 <= e <= MAX_EPOCHS for e in epochs) or epochs != sorted(epochs):
+            raise ValueError(f"must be increasing epoch numbers in [1, {MAX_EPOCHS}], got {epochs}")
         return epochs
 
 
 class ScalingConfig(_Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
+    cpus_per_worker: float = Field(default=1.0, ge=RAY_RESOURCE_UNIT, le=MAX_CPUS_PER_WORKER)
     # A fraction of one GPU per worker packs several trials on a GPU (0.25: four trials), for the
     # small, launch-bound steps of CIFAR models; with one worker per trial only (two NCCL ranks
     # cannot share a GPU).
-    gpus_per_worker: float = Field(default=1.0, gt=0, le=1)
+    gpus_per_worker: float = Field(default=1.0, ge=RAY_RESOURCE_UNIT, le=1)
     # bfloat16 autocast: off by default; on an H200 it is slower than float32 at the paper's
     # batch of 64 and pays off from a per-worker batch of 256 up (bench/README.md).
     bf16: bool = False
@@ -141,7 +246,16 @@ class ScalingConfig(_Section):
     # SyncBatchNorm: batch statistics over the global batch (GPU only, as in PyTorch). Off, as in
     # the official code, where each GPU normalises its own share of the batch.
     sync_bn: bool = False
-    max_failures: int = Field(default=3, ge=-1)  # worker failures a run recovers from
+    max_failures: int = Field(default=3, ge=-1)  # worker failures a run recovers from; -1: any number
+
+    @field_validator("cpus_per_worker", "gpus_per_worker")
+    @classmethod
+    def _ray_precision(cls, quantity: float) -> float:
+        units = quantity / RAY_RESOURCE_UNIT
+        if abs(units - round(units)) > 1e-6 * max(1.0, units):
+            raise ValueError(f"must be a multiple of {RAY_RESOURCE_UNIT:g} (Ray's resource precision), "
+                             f"got {quantity!r}")
+        return quantity
 
     def channels_last_enabled(self) -> bool:
         return self.use_gpu if self.channels_last is None else self.channels_last
@@ -151,23 +265,23 @@ class ScalingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(default=10, ge=1)  # epochs between checkpoints; the last epoch always saves
-    keep: int = Field(default=2, ge=1)  # checkpoints Ray keeps on storage
+    every: int = Field(default=10, ge=1, le=MAX_EPOCHS)  # epochs between checkpoints; the last epoch always saves
+    keep: int = Field(default=2, ge=1, le=MAX_EPOCHS)  # checkpoints Ray keeps on storage
 
 
 class TrackingConfig(_Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "semckd"
-    run_name: str | None = None
-    register_model: str | None = None  # register the final model under this name
+    experiment: str = Field(default="semckd", min_length=1)
+    run_name: str | None = Field(default=None, min_length=1)
+    register_model: str | None = Field(default=None, min_length=1)  # register the final model under this name
     # Where Ray keeps checkpoints and results. Must be shared storage (NFS path, s3://) on a
     # multi-node cluster; None: <cwd>/ray_results.
     storage_path: str | None = None
 
 
 class TrainConfig(_Section):
-    name: str = "semckd"
-    seed: int = 0
+    name: str = "semckd"  # names the run's folders: {name}-{run id}, {name}-{time} for a sweep
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
     student: StudentConfig
@@ -176,6 +290,16 @@ class TrainConfig(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"must be a non-empty name without '/' or '\\' (it names folders), got {name!r}")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"must be at most {MAX_NAME_BYTES} bytes long (it names folders), "
+                             f"got {len(name.encode())}")
+        return name
 
     @model_validator(mode="after")
     def _teacher_matches_method(self) -> TrainConfig:
@@ -204,6 +328,25 @@ class TrainConfig(_Section):
                 f"scaling.num_workers={workers}: each worker trains on batch_size / num_workers "
                 f"images; use a multiple of {workers}, e.g. {nearest}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_fits_training_split(self) -> TrainConfig:
+        images = self.data.train_images()
+        if self.optim.batch_size > images:
+            workers = self.scaling.num_workers
+            largest = images // workers * workers
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} (the global batch) is larger than the training split "
+                f"of {self.data.dataset} ({images} images once data.val_size are held out): allowed 2 to {largest}"
+                + (f", a multiple of scaling.num_workers={workers}" if workers > 1 else ""))
+        return self
+
+    @model_validator(mode="after")
+    def _finite_lr(self) -> TrainConfig:
+        if not math.isfinite(self.peak_lr()):
+            raise ValueError(f"optim.lr={self.base_lr()!r} scaled by optim.batch_size / optim.lr_reference_batch "
+                             "is not a finite number: lower optim.lr")
         return self
 
     @model_validator(mode="after")
@@ -297,14 +440,48 @@ def _check_model_name(name: str) -> str:
 # Loading
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3`` and ``5E4`` are numbers, as in YAML 1.2 and JSON.
+
+    YAML 1.1 wants a dot in a float (``1.0e-3``), so PyYAML reads ``lr: 1e-3`` as the string
+    "1e-3"; strings are not numbers to the config (``check_no_coercion``), so it would be refused.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    not_text = f"config file {str(path)!r} is not a YAML text file"
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{not_text}: byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8 "
+                        "(give the experiment's .yaml file, e.g. tune_configs/smoke.yaml)") from None
+    if "\0" in text:
+        raise UserError(f"{not_text}: it holds NUL bytes at offset {text.index(chr(0))} "
+                        "(give the experiment's .yaml file, e.g. tune_configs/smoke.yaml)")
+    try:
+        raw = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise UserError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"config file {str(path)!r} nests too deeply to be an experiment config") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -320,7 +497,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key:
             raise UserError(f"--set takes dotted.key=value, got {item!r}")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = _load_yaml(value)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or exc
             raise UserError(f"--set {item!r}: the value is not valid YAML ({problem}); "
@@ -387,32 +564,59 @@ def _is_uri(value: str) -> bool:
     return "://" in value or value.startswith(("runs:/", "models:/"))
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, *, model: type[BaseModel] | None = None,
+                            prefix: str = "") -> str:
+    """One line per error: the dotted key (under ``prefix``), the problem, what is allowed.
+
+    ``model`` is the schema validated (default ``TrainConfig``): an unknown key lists the keys
+    allowed where it is.
+    """
+    model = model or TrainConfig
     lines = ["invalid configuration:"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join([*([prefix] if prefix else []), *(str(p) for p in err["loc"])]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key" + _allowed_keys_hint(err["loc"])
+            msg = "unknown key" + _allowed_keys_hint(err["loc"], model)
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 
 
-def _allowed_keys_hint(loc: tuple) -> str:
-    model: type[BaseModel] = TrainConfig
+def _allowed_keys_hint(loc: tuple, model: type[BaseModel] | None = None) -> str:
+    """The keys allowed beside the unknown key at ``loc`` (its last part) in ``model``'s schema."""
+    node: Any = model or TrainConfig
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            if field is None:
+                return ""
+            node = field.annotation
+        else:  # a dict's key or a list's index: the part names an entry, not a field
+            args = typing.get_args(node)
+            if typing.get_origin(node) not in (dict, list) or not args:
+                return ""
+            node = args[-1]
+        node = _nested_model(node)
+        if node is None:
             return ""
-        annotation = field.annotation
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        nested = [a for a in candidates if issubclass(a, BaseModel)]
-        if not nested:
-            return ""
-        model = nested[0]
-    return "; allowed keys: " + ", ".join(model.model_fields)
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return ""
+    return "; allowed keys: " + ", ".join(node.model_fields)
+
+
+def _nested_model(annotation: Any) -> Any:
+    """``annotation`` without ``None`` of an optional; None where it holds nothing with keys."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        annotation = nested[0] if nested else (args[0] if len(args) == 1 else None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (dict, list):
+        return annotation
+    return None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

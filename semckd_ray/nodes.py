@@ -6,7 +6,8 @@ from each of them:
 - the MLflow tracking store at ``tracking.uri``: on a cluster that spans several hosts, a server
   every host reaches -- not a SQLite file, a folder, or a server on a loopback address;
 - ``tracking.storage_path`` (checkpoints, a sweep's state): on several nodes, one folder that
-  every node sees at the same absolute path (shared storage), or an ``s3://`` / ``gs://`` URI;
+  every node sees at the same absolute path (shared storage), or an ``s3://`` / ``gs://`` URI
+  that the driver (and every node) can write a small marker to and read back;
 - the dataset under ``data.root`` (or, with ``data.download``, a folder to download it into), on
   every node that can host a training worker.
 
@@ -124,9 +125,13 @@ def storage_path(cfg: TrainConfig, nodes: list[dict[str, Any]], check: bool = Tr
 
     ``check=False`` only resolves the path: for a training whose driver checked it already.
     """
+    from semckd_ray import storage
+
     configured = cfg.tracking.storage_path
-    if configured and "://" in configured and not configured.startswith("file://"):
-        return configured  # object storage (s3://, gs://): every node reaches it
+    if configured and storage.is_uri(configured):  # object storage (s3://, gs://)
+        if check:
+            check_object_store(configured, nodes)
+        return configured
     local = configured.removeprefix("file://") if configured else None
     if local and len(nodes) > 1 and not Path(local).expanduser().is_absolute():
         raise UserError(
@@ -167,14 +172,63 @@ def check_shared(path: str, nodes: list[dict[str, Any]]) -> None:
     _SEEN_SHARED.add(key)
 
 
-def read_marker(path: str, token: str) -> None:
-    """On a node: the marker ``path`` is there and holds ``token``."""
+def check_object_store(uri: str, nodes: list[dict[str, Any]]) -> None:
+    """The driver writes a small marker at the object-store URI ``uri`` and reads it back, and so
+    does every node when there are several (each with its own credentials); the marker is removed.
+
+    A problem is a UserError naming the URI and pyarrow's error, without credentials.
+    """
+    from semckd_ray import storage
+
+    key = (uri, frozenset(n["NodeID"] for n in nodes))
+    if key in _SEEN_SHARED:
+        return
+    token = secrets.token_hex(16)
+    name = f"{MARKER_PREFIX}{token[:12]}"
+    marker = storage.join(uri, name)
+    fix = ("Check the bucket's name and that it exists, the endpoint (an S3-compatible server's: "
+           "?endpoint_override=http://HOST:PORT in the URI), and the credentials of this machine "
+           "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS for gs://).")
     try:
-        found = Path(path).read_text()
-    except FileNotFoundError:
-        raise UserError(f"no {Path(path).name} in {Path(path).parent}") from None
+        storage.write_text(marker, token)
+        found = storage.read_text(marker)
+    except Exception as exc:  # pyarrow: OSError (unreachable, no bucket, denied), ArrowInvalid (bad URI)
+        raise UserError(storage.redact(
+            f"tracking.storage_path {uri}: the driver cannot write a small file there and read it back "
+            f"({type(exc).__name__}: {str(exc).strip()[:500]}). {fix}")) from None
+    try:
+        if found != token:
+            raise UserError(storage.redact(f"tracking.storage_path {uri}: a file the driver wrote there "
+                                           f"reads back as something else ({found!r:.80}). {fix}"))
+        failed = {k: v for k, v in probe_nodes(nodes, read_marker, marker, token).items() if v} if len(nodes) > 1 else {}
+    finally:
+        try:
+            storage.delete(marker)
+        except Exception:  # written, maybe not deletable: a marker left behind harms nothing
+            pass
+    if failed:
+        raise UserError(storage.redact(
+            f"tracking.storage_path {uri}: the driver wrote {name} there, "
+            f"and {len(failed)} of the {len(nodes)} nodes cannot read it back ({_by_problem(failed, nodes)}). "
+            "Ray Train writes checkpoints from every node: each needs the same access to the bucket "
+            "(the credentials in the environment of its Ray processes, the endpoint reachable from it)."))
+    _SEEN_SHARED.add(key)
+
+
+def read_marker(path: str, token: str) -> None:
+    """On a node: the marker ``path`` (a local path or an object-store URI) is there and holds ``token``."""
+    from semckd_ray import storage
+
+    try:
+        found = storage.read_text(path)
+    except Exception as exc:  # an object store this node cannot reach
+        raise UserError(storage.redact(f"cannot read {path} ({type(exc).__name__}: {str(exc).strip()[:300]})")) from None
+    if found is None:
+        if storage.is_uri(path):
+            raise UserError(storage.redact(f"no {path}"))
+        raise UserError(f"no {Path(path).name} in {Path(path).parent}")
     if found != token:
-        raise UserError(f"{path} holds something else: another folder of the same name")
+        raise UserError(storage.redact(f"{path} holds something else: another folder of the same name"))
 
 
 # ------------------------------------------------------------------------------------------

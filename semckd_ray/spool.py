@@ -235,10 +235,12 @@ class SpooledLogger:
         send_call(self._client, self.run_id, call, self._server_steps, self._tmp)
 
     def _note_outage(self, exc: Exception) -> None:
+        from semckd_ray.tracking import redact
+
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             warnings.warn(
-                f"MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on, and "
+                f"MLflow logging failed ({type(exc).__name__}: {redact(str(exc))[:200]}); training goes on, and "
                 f"what it logs is kept{' in ' + self._file if self._file else ''} until the server is back",
                 RuntimeWarning, stacklevel=2,
             )

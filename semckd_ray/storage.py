@@ -28,10 +28,21 @@ def _split(location: str) -> tuple[str, str]:
 
 
 def join(location: str, *parts: str) -> str:
+    """``location/part/...``, below ``location`` always (a part's leading ``/`` does not start over)."""
     head, query = _split(location)
+    parts = tuple(p.strip("/") for p in parts if p.strip("/"))
     if not is_uri(head):
         return str(Path(head.removeprefix("file://"), *parts))
     return posixpath.join(head.rstrip("/"), *parts) + query
+
+
+def redact(text: str) -> str:
+    """``text`` (a location, or a message naming one) without credentials: pyarrow takes an S3 URI's
+    keys as its userinfo (``s3://KEY:SECRET@bucket/prefix``), which ``semckd_ray.tracking.redact``
+    strips, as it replaces every secret of the environment."""
+    from semckd_ray.tracking import redact as redact_tracking
+
+    return redact_tracking(str(text))
 
 
 def filesystem(location: str):
@@ -74,19 +85,21 @@ def write_bytes(location: str, data: bytes) -> None:
     then renamed over the old one.
     """
     fs, path = filesystem(location)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    if is_uri(str(location)):
+    if is_uri(str(location)):  # no folders to make: a key names the object
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_text(location: str, text: str) -> None:
@@ -97,9 +110,8 @@ def upload(local_path: str | os.PathLike, location: str) -> None:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
+    if not is_uri(str(location)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(str(Path(local_path).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
 

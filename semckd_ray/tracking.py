@@ -201,6 +201,10 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(("http://", "https://")) and split_credentials(uri)[1] is not None:
+        # MLflow prints "View run ... at: <the tracking URI>/#/..." when a run ends, user:password@
+        # and all; the commands print their own, redacted, browse_hint instead.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri)
 
 

@@ -298,7 +298,8 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     if resume_dir is not None:
         state, best_weights = _restore(Path(resume_dir), distiller, optimizer, env)
         if env.rank == 0:
-            print(f"[semckd-ray] resuming after epoch {state.epoch} from {resume_dir}", flush=True)
+            into = f" (MLflow run {run_id})" if run_id else ""
+            print(f"[semckd-ray] resuming after epoch {state.epoch} from {resume_dir}{into}", flush=True)
 
     model = distiller
     sync_student = None

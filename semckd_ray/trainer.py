@@ -141,10 +141,12 @@ def check_resources(cfg: TrainConfig, capacity: dict[str, float], trials_at_once
 def storage_path(cfg: TrainConfig) -> str:
     """Where Ray keeps checkpoints: on a multi-node cluster, object storage or a folder shared by every
     node, which ``semckd_ray.nodes.check_cluster`` checked before the run (or sweep) started."""
+    import ray
+
     from semckd_ray.nodes import alive_nodes
     from semckd_ray.nodes import storage_path as resolve
 
-    return resolve(cfg, alive_nodes(), check=False)
+    return resolve(cfg, alive_nodes() if ray.is_initialized() else [], check=False)
 
 
 # ------------------------------------------------------------------------------------------

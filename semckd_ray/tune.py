@@ -14,17 +14,21 @@ import argparse
 import csv
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from semckd_ray import tracking
 from semckd_ray.cli import config_arguments, run_cli
 from semckd_ray.config import (
+    MAX_EPOCHS,
+    MAX_SEED,
     TrainConfig,
+    _Section,
     apply_overrides,
     flatten,
     format_validation_error,
@@ -41,8 +45,12 @@ METRIC = "best_val_top1"  # validation only: the test split never steers the sea
 TRIAL_DRIVER_MEMORY = 512 * 1024**2  # bytes reserved for each trial's own process
 
 
-class ParamSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+MAX_RANDINT = 2**53  # randint bounds are floats here: exact integers up to 2**53, and int64 for the samplers
+
+
+# The search's sections share the training config's rules (config._Section): unknown keys, non-finite
+# numbers, booleans or strings for numbers are refused.
+class ParamSpec(_Section):
     type: Literal["loguniform", "uniform", "randint", "choice"]
     low: float | None = None
     high: float | None = None
@@ -60,6 +68,14 @@ class ParamSpec(BaseModel):
             raise ValueError(f"empty or inverted range: low={self.low} must be below high={self.high}")
         if self.type == "loguniform" and self.low <= 0:
             raise ValueError(f"a 'loguniform' range needs low > 0, got {self.low}")
+        if self.type == "uniform" and not math.isfinite(self.high - self.low):
+            raise ValueError(f"a 'uniform' range needs a finite width high - low, got low={self.low}, high={self.high}")
+        if self.type == "randint":
+            for name, bound in (("low", self.low), ("high", self.high)):
+                if bound != int(bound) or abs(bound) > MAX_RANDINT:
+                    raise ValueError(f"a 'randint' range needs integer bounds in [-2**53, 2**53], got {name}={bound!r}")
+            if int(self.high) - int(self.low) < 1:
+                raise ValueError(f"an empty 'randint' range: high={self.high:g} is exclusive")
         return self
 
     def tune_domain(self):
@@ -74,27 +90,29 @@ class ParamSpec(BaseModel):
         return tune.randint(int(self.low), int(self.high))  # high exclusive
 
     def probe_values(self) -> list[Any]:
-        """Values at the edges of the range: each must make a valid training config."""
+        """Values at the edges of the range: each must make a valid training config.
+
+        A continuous range also gives the value just above ``low``: a fraction, which a key
+        that takes integers refuses (it needs a 'randint').
+        """
         if self.type == "choice":
             return list(self.values)
         if self.type == "randint":
             return [int(self.low), int(self.high) - 1]
-        return [self.low, self.high]
+        return [self.low, math.nextafter(self.low, self.high), self.high]
 
 
-class SchedulerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SchedulerConfig(_Section):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(default=1, ge=1)  # epochs before a trial may be stopped
+    grace_period: int = Field(default=1, ge=1, le=MAX_EPOCHS)  # epochs before a trial may be stopped
     reduction_factor: float = Field(default=2.0, gt=1)
 
 
-class SearchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SearchConfig(_Section):
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)  # None: as many as the cluster holds
-    repeats: int = Field(default=1, ge=1)  # seeds per trial; the score is their mean
-    seed: int = 0
+    repeats: int = Field(default=1, ge=1, le=MAX_SEED + 1)  # seeds per trial; the score is their mean
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # Optuna's TPE sampler: numpy's RandomState, [0, 2**32)
     space: dict[str, ParamSpec] = Field(default_factory=dict)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
 
@@ -104,7 +122,7 @@ def parse_search(raw: dict[str, Any], config_dir: Path) -> tuple[SearchConfig, T
     try:
         search = SearchConfig.model_validate(raw.get("search") or {})
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc).replace("\n  ", "\n  search.")) from None
+        raise UserError(format_validation_error(exc, model=SearchConfig, prefix="search")) from None
     if not search.space:
         raise UserError("search.space is empty: name at least one dotted config key to search, "
                         "e.g. method.beta: {type: loguniform, low: 10, high: 1000}")
@@ -121,8 +139,28 @@ def parse_search(raw: dict[str, Any], config_dir: Path) -> tuple[SearchConfig, T
             try:
                 parse_train_config(probe, config_dir=config_dir)
             except UserError as exc:
-                raise UserError(f"search.space.{key}: the value {value!r} is invalid: {exc}") from None
+                hint = ""
+                if spec.type in ("uniform", "loguniform") and value not in (spec.low, spec.high):
+                    hint = (f" (a {spec.type!r} range samples fractions: use type 'randint' for a key "
+                            "that takes integers)")
+                raise UserError(f"search.space.{key}: the value {value!r} is invalid{hint}: {exc}") from None
+    _check_trial_seeds(search, base)
+    if search.scheduler.type == "asha" and search.scheduler.grace_period > base.optim.epochs:
+        raise UserError(f"search.scheduler.grace_period={search.scheduler.grace_period} is above optim.epochs="
+                        f"{base.optim.epochs}, ASHA's last epoch: allowed 1 to {base.optim.epochs}")
     return search, base
+
+
+def _check_trial_seeds(search: SearchConfig, base: TrainConfig) -> None:
+    """A trial's repeats train with seeds seed, seed + 1, ..., seed + repeats - 1: each must be a seed."""
+    if search.repeats == 1:
+        return
+    spec = search.space.get("seed")
+    seeds = [base.seed] if spec is None else [v for v in spec.probe_values() if isinstance(v, int)]
+    top = max(seeds, default=base.seed) + search.repeats - 1
+    if top > MAX_SEED:
+        raise UserError(f"search.repeats={search.repeats} trains seeds up to seed + {search.repeats - 1} = {top}, "
+                        f"above the largest seed {MAX_SEED}: lower seed or search.repeats")
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,7 +345,8 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from semckd_ray.nodes import alive_nodes, check_cluster
+    from semckd_ray import storage
+    from semckd_ray.nodes import alive_nodes, check_cluster, storage_path
     from semckd_ray.teacher import ensure_teacher
     from semckd_ray.capacity import TrialCapacity, cluster_growth, worker_resources
     from semckd_ray.scheduling import ClusterLimiter
@@ -315,6 +354,8 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
 
     search, base = parse_search(raw, config_dir)
     base.tracking.uri = tracking.resolve_tracking_uri(base.tracking.uri)
+    # First of all, before Ray or a teacher's training starts: a wrong --resume PATH is refused.
+    found = _find_sweep(storage_path(base, [], check=False), base.name, resume) if resume else None
     tracking.check_reachable(base.tracking.uri)
     base = preflight(ensure_teacher(base))
     # Every trial shares the resolved teacher, tracking store and absolute paths.
@@ -332,15 +373,18 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
                              search.max_concurrent)
 
     client = tracking.client(base.tracking.uri)
-    if resume:
-        sweep_dir = _find_sweep(root, base.name, resume)
-        info = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    if found is not None:
+        sweep_dir, info = found
         parent_run_id, sweep_name = info["parent_run_id"], info["sweep_name"]
         client.update_run(parent_run_id, status="RUNNING")
-        print(f"[semckd-ray] resuming sweep {sweep_name} ({sweep_dir})", flush=True)
+        print(f"[semckd-ray] resuming sweep {sweep_name} ({storage.redact(sweep_dir)})", flush=True)
+        from semckd_ray.spool import send_spool, spools
+
+        for run_id, folder in spools(root).items():  # what trainings kept while MLflow was down
+            send_spool(client, run_id, folder)
     else:
         sweep_name = f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir = Path(root) / sweep_name if "://" not in root else None
+        sweep_dir = storage.join(root, sweep_name)  # where Tune keeps the sweep: a folder or a URI
         parent_run_id = _start_parent(base, search, sweep_name, raw)
 
     trainable = tune.with_parameters(
@@ -350,8 +394,9 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs:
     # reserving a CPU for it as well would leave the workers of concurrent trials none to run on.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
-    if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+    if found is not None:
+        # The sweep's URI as found (an S3 endpoint's query included), which Tune reads its state from.
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         param_space: dict[str, Any] = {}
         for key, spec in search.space.items():
@@ -371,11 +416,13 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
                 metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                 num_samples=search.num_samples,
             ),
-            run_config=tune.RunConfig(name=sweep_name, storage_path=root, verbose=1),
+            # A trial whose process died (its node lost) runs again: it finds its MLflow run by its
+            # trial id, and its Ray Train run, of the same name, continues from its last checkpoint.
+            run_config=tune.RunConfig(name=sweep_name, storage_path=root, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=base.scaling.max_failures)),
         )
-        if sweep_dir is not None:
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            (sweep_dir / SWEEP_FILE).write_text(json.dumps(
+        # What --resume finds, beside Tune's own state, through the storage path's filesystem.
+        _write_sweep(sweep_dir, json.dumps(
                 {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": tracking.redact(base.tracking.uri)}))
     print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, up to {capacity()} at a time on the "
           f"cluster as it is now; MLflow parent run {parent_run_id}", flush=True)
@@ -410,16 +457,63 @@ def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw:
     return run.info.run_id
 
 
-def _find_sweep(root: str, name: str, resume: str) -> Path:
+def _write_sweep(sweep_dir: str, marker: str) -> None:
+    """The sweep's marker, ``SWEEP_FILE`` in its folder (a local one or a URI): what ``--resume`` finds."""
+    from semckd_ray import storage
+
+    storage.write_text(storage.join(sweep_dir, SWEEP_FILE), marker)
+
+
+def _find_sweep(root: str, name: str, resume: str) -> tuple[str, dict[str, Any]]:
+    """``(the sweep's folder, its marker's content)`` for ``--resume``; a clear UserError otherwise.
+
+    ``resume`` is ``"latest"`` (the newest sweep of the config ``name`` under the storage path
+    ``root``) or a sweep's folder: a local path or a URI (``s3://bucket/prefix/NAME?endpoint_override=...``).
+    Both are read through their own filesystem (pyarrow's, as Ray reads them); a local folder comes
+    back absolute.
+    """
+    from semckd_ray import storage
+
+    def marker(folder: str) -> dict[str, Any] | None:
+        try:
+            text = storage.read_text(storage.join(folder, SWEEP_FILE))
+        except Exception as exc:  # pyarrow: OSError (unreachable, no bucket, denied), ArrowInvalid (bad URI)
+            raise UserError(storage.redact(f"--resume: cannot read {storage.join(folder, SWEEP_FILE)} "
+                                           f"({type(exc).__name__}: {exc})")) from None
+        if text is None:
+            return None
+        try:
+            info = json.loads(text)
+            info["parent_run_id"], info["sweep_name"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(storage.redact(f"--resume: {storage.join(folder, SWEEP_FILE)} is not a sweep's "
+                                           "marker (no parent_run_id and sweep_name in it)")) from None
+        return info
+
+    def local(path: str) -> str:
+        return path if storage.is_uri(path) else str(Path(path.removeprefix("file://")).expanduser().resolve())
+
+    root = local(root)
+    example = storage.join(root, f"{name}-YYYYMMDD-HHMMSS")
     if resume != "latest":
-        path = Path(resume)
-        if not (path / SWEEP_FILE).is_file():
-            raise UserError(f"--resume {resume}: no sweep there (missing {SWEEP_FILE})")
-        return path
-    candidates = sorted(p.parent for p in Path(root).glob(f"{name}-*/{SWEEP_FILE}"))
-    if not candidates:
-        raise UserError(f"--resume: no sweep named {name!r} under {root}; pass its folder: --resume PATH")
-    return candidates[-1]
+        folder = local(resume)
+        info = marker(folder)
+        if info is None:
+            raise UserError(storage.redact(f"--resume {resume}: no sweep there (missing {SWEEP_FILE}); pass the "
+                                           f"folder of a sweep under the storage path, e.g. {example}"))
+        return folder, info
+    try:
+        names = storage.list_dir(root)
+    except Exception as exc:
+        raise UserError(storage.redact(f"--resume: cannot list the storage path {root} "
+                                       f"({type(exc).__name__}: {exc})")) from None
+    pattern = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}")  # the sweeps of this config, by start time
+    for found in sorted((n for n in names if pattern.fullmatch(n)), reverse=True):
+        info = marker(storage.join(root, found))
+        if info is not None:
+            return storage.join(root, found), info
+    raise UserError(storage.redact(f"--resume: no sweep named {name!r} under {root}; pass its folder: "
+                                   f"--resume PATH (e.g. {example})"))
 
 
 def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConfig) -> dict[str, Any]:

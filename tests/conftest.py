@@ -1,16 +1,22 @@
-"""Fixtures shared by the test suite: one two-node Ray cluster for the session, a clean working directory."""
+"""Fixtures shared by the test suite: one two-node Ray cluster for the session, an S3 server, a clean
+working directory."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+from servers import S3_ENV
 
 # A Ray instance a command starts on its own is Ray's single-machine mode (servers on 127.0.0.1
 # only), and a client must be in that mode too, from before Ray is first imported, to reach it.
 # The session's cluster (below) is in cluster mode, to have several nodes.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Dummy S3 credentials and region for the tests' S3 server (``s3_bucket``), in this process and
+# so in every command and Ray node it starts (whose workers inherit their raylet's environment).
+os.environ.update(S3_ENV)
 
 CLUSTER_NODES = 2  # a head and one more node, one CPU each: the machine's two cores
 
@@ -64,3 +70,42 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1 for the session; yields its endpoint URL."""
+    import shutil
+    import signal
+    import tempfile
+
+    from servers import StartError, start_s3_server
+
+    root = Path(tempfile.mkdtemp(prefix="semckd-s3-"))
+    try:
+        process, url = start_s3_server(root)
+    except StartError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(str(exc))
+    try:
+        yield url
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A new, empty bucket on the session's S3 server: its URI, ``s3://NAME?endpoint_override=URL``."""
+    import secrets
+
+    from servers import create_bucket
+
+    return create_bucket(s3_server, f"semckd-{secrets.token_hex(6)}")

@@ -1,4 +1,4 @@
-"""Real servers for the tests, all on 127.0.0.1: a Ray head node and an MLflow server.
+"""Real servers for the tests, all on 127.0.0.1: a Ray head node, an MLflow server, an S3 server.
 
 Each is started as a user would (``ray start --head``, ``mlflow server``) and every process it
 spawns carries a marker in its environment, so that teardown stops exactly those processes and
@@ -97,8 +97,19 @@ def http_status(url: str, timeout_s: float = 10.0) -> int:
         return 0
 
 
+# What the S3 clients of the tests use with the S3 server below (moto accepts any credentials):
+# pyarrow in the tests, in the commands they start and in the Ray workers, whose environment is
+# their raylet's (``base_env``). No instance metadata lookup, one fixed region.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "semckd-test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "semckd-test-secret-key",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
 def base_env(root: Path) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MARKER: str(root)}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MARKER: str(root), **S3_ENV}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
@@ -183,33 +194,39 @@ def start_ray_head(root: Path, num_cpus: int = 2, autoscale: dict[str, dict] | N
     return RayHead(address=env["RAY_ADDRESS"], dashboard_url=f"http://127.0.0.1:{dashboard_port}", env=env)
 
 
-def start_ray_worker_node(head: RayHead, root: Path, num_cpus: int = 1) -> None:
+def start_ray_worker_node(head: RayHead, root: Path, num_cpus: int = 1, marker: str | None = None) -> None:
     """``ray start --address`` joining ``head`` as another node: its own CPUs, temp folder and ports.
 
     On one machine the nodes share the host, but each has its own raylet, object store and
-    worker processes, so Ray schedules across them exactly as across hosts.
+    worker processes, so Ray schedules across them exactly as across hosts. Its processes carry
+    the head's marker, or ``marker``: then ``stop_marked(marker)`` stops this node alone.
     """
     root.mkdir(parents=True, exist_ok=True)
     started = subprocess.run(
         [str(BIN / "ray"), "start", "--address", head.address, "--node-ip-address", NODE_IP,
          "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(root),
          "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())],
-        env=head.env, capture_output=True, text=True, timeout=START_TIMEOUT_S,
+        env={**head.env, MARKER: marker} if marker else head.env, capture_output=True, text=True,
+        timeout=START_TIMEOUT_S,
     )
     if started.returncode != 0:
         raise StartError(f"ray start --address failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
 
 
-def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` with a SQLite store in ``root``, proxying artifacts; returns (process, url)."""
+def start_mlflow_server(root: Path, port: int | None = None, *, extra_args: tuple[str, ...] = (),
+                        extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` with a SQLite store in ``root``, proxying artifacts; returns (process, url).
+
+    It leads a process group of its own (``start_new_session``): stop it with ``os.killpg``.
+    """
     port = port or free_port()
     log_path = root / f"mlflow_server_{port}.log"
     with open(log_path, "a") as log:
         process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"],
-            env={**base_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+             "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1", *extra_args],
+            env={**base_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -218,3 +235,61 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess
     if process.poll() is not None:
         raise StartError(f"mlflow server exited with {process.returncode}:\n{tail(log_path)}")
     return process, url
+
+
+AUTH_ADMIN = "admin"  # the admin user MLflow's basic-auth app creates (its basic_auth.ini)
+
+
+def start_mlflow_auth_server(root: Path, admin_password: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server --app-name basic-auth``: every API call needs HTTP Basic credentials (its
+    ``/health`` does not), and user ``admin`` has ``admin_password``; returns (process, url).
+
+    Its users live in ``root/auth/basic_auth.db``, apart from the tracking store in ``root``. Needs
+    Flask-WTF (``mlflow[auth]``, in this project's ``dev`` extra).
+    """
+    auth = root / "auth"
+    auth.mkdir(parents=True, exist_ok=True)
+    ini = auth / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{auth / 'basic_auth.db'}\n"
+        f"admin_username = {AUTH_ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+    )
+    return start_mlflow_server(root, port, extra_args=("--app-name", "basic-auth"), extra_env={
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,  # read only when it creates the admin user
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    })
+
+
+def start_s3_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3-compatible server (``python -m moto.server``); returns (process, endpoint URL).
+
+    Buckets live in its memory only. It leads a process group of its own: stop it with
+    ``os.killpg(process.pid, ...)``. Its clients need ``S3_ENV`` (any credentials do).
+    """
+    port = port or free_port()
+    log_path = root / f"s3_server_{port}.log"
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env=base_env(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_status(f"{url}/moto-api/") == 200 or process.poll() is not None,
+               START_TIMEOUT_S, "S3 server (moto)", lambda: tail(log_path))
+    if process.poll() is not None:
+        raise StartError(f"moto server exited with {process.returncode}:\n{tail(log_path)}")
+    return process, url
+
+
+def create_bucket(endpoint: str, name: str) -> str:
+    """A new bucket on the S3 server at ``endpoint``; returns its URI, which names the endpoint."""
+    import pyarrow.fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?endpoint_override={endpoint}&allow_bucket_creation=true")
+    fs.create_dir(name)
+    return f"s3://{name}?endpoint_override={endpoint}"

@@ -114,6 +114,13 @@ def truncated_cifar100(folder: Path) -> list[str]:
     return args
 
 
+def png_as_config(folder: Path) -> list[str]:
+    """A picture given as the experiment file: bytes that are not text."""
+    path = folder / "experiment.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    return ["--config", str(path)]
+
+
 def config_with(config: Path, *overrides: str) -> Callable[[Path], list[str]]:
     """The experiment file ``config`` with ``--set`` overrides, reading data from an empty folder."""
 
@@ -162,6 +169,10 @@ CASES = [
          ("optim.lr", "finite")),
     Case("override-that-is-not-yaml", TRAIN, config_with(TEACHER_CONFIG, "name=:"),
          ("--set 'name=:'", "not valid YAML")),
+    Case("config-file-that-is-not-text", TRAIN, png_as_config,
+         ("experiment.yaml", "is not a YAML text file", "byte 0x89 at offset 0 is not UTF-8")),
+    Case("boolean-for-a-number", TRAIN, config_with(TEACHER_CONFIG, "optim.epochs=true"),
+         ("optim.epochs", "must be an integer", "not the boolean true")),
     Case("search-bounds-inverted", TUNE, lambda f: smoke_with_space(
         f, {"method.beta": {"type": "loguniform", "low": 300.0, "high": 5.0}}),
          ("search.space.method.beta", "inverted", "low=300.0", "high=5.0")),

@@ -1,6 +1,8 @@
 """The sweep: Optuna + ASHA over Ray Train trials, logged to MLflow, resumable after its driver dies."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,11 +52,60 @@ def test_search_space_errors_name_the_key(tmp_path):
         parse_search(raw, SMOKE.parent)
 
 
+def trained_teacher(teacher_yaml: Path, tracking_uri: str, workdir: Path, steps: int = 10) -> str:
+    """The finished teacher run that ``ensure_teacher`` reuses for ``teacher.train: teacher_yaml``,
+    made here in seconds (a few SGD steps on digits, no Ray) instead of by the sweep, which would
+    train it for 8 epochs first: the resumed sweep has to find it, not retrain it, all the same."""
+    import torch
+    import torch.nn.functional as F
+
+    from semckd_ray.config import load_train_config
+    from semckd_ray.data import load_dataset
+    from semckd_ray.models import create_model
+    from semckd_ray.tracking import get_or_create_experiment, sha256_file
+    from semckd_ray.trainer import config_digest
+
+    cfg = load_train_config(teacher_yaml)
+    data = load_dataset(cfg.data.dataset, workdir / "data")
+    torch.manual_seed(0)
+    model = create_model(cfg.student.model, num_classes=data.num_classes).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (data.mean, data.std))
+    order = torch.randperm(len(data.train))
+    for k in range(steps):
+        index = order[k * 64:(k + 1) * 64]
+        logits, _ = model((data.train.images[index].float() / 255 - mean) / std)
+        loss = F.cross_entropy(logits, data.train.labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = workdir / "teacher_best.pth"
+    torch.save({"model": model.state_dict()}, path)
+    mlflow = client(tracking_uri)
+    experiment = get_or_create_experiment(mlflow, cfg.tracking.experiment)
+    run_id = mlflow.create_run(experiment, run_name=cfg.name, tags={
+        "role": "teacher", "config_sha256": config_digest(cfg),
+        "checkpoint.best.path": f"checkpoints/{path.name}", "checkpoint.best.sha256": sha256_file(path),
+    }).info.run_id
+    mlflow.log_artifact(run_id, str(path), "checkpoints")
+    mlflow.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 @pytest.mark.slow
-def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, workdir):
+def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, workdir, s3_bucket):
+    """The sweep keeps its state in an S3 bucket (moto's server): its driver is killed once a trial
+    has finished (one more is mid-way, one waits), and ``--resume`` finds the sweep there, trains
+    no trial twice and finishes every one."""
+    from semckd_ray import storage
+    from semckd_ray.tune import SWEEP_FILE
+
     cfg_path = workdir / "sweep.yaml"
     raw = smoke_raw(workdir, epochs=2)
     raw["teacher"]["train"] = str(SMOKE.parent / raw["teacher"]["train"])
+    teacher_run = trained_teacher(Path(raw["teacher"]["train"]), os.environ["MLFLOW_TRACKING_URI"], workdir)
+    sweeps_uri = storage.join(s3_bucket, "sweeps")
+    raw["tracking"]["storage_path"] = sweeps_uri
     raw["search"]["scheduler"]["type"] = "none"  # every trial runs all its epochs
     # Two at a time: when the first finishes and the driver dies, one trial is mid-way and one waits.
     raw["search"]["num_samples"] = 3
@@ -101,6 +152,14 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
     assert [r.info.run_id for r in everything if r.data.tags.get("role") == "sweep"] == [parent_run_id]
     assert len([r for r in everything if r.data.tags.get("role") == "teacher"]) == 1  # reused, not retrained
     assert [r.info.run_id for r in everything if r.info.status == "RUNNING"] == []
+    assert f"reusing teacher run {teacher_run}" in resumed.stdout
+    # Everything the sweep keeps is in the bucket: Tune's state and the marker --resume found it by.
+    (name,) = [n for n in storage.list_dir(sweeps_uri) if re.fullmatch(r"smoke-\d{8}-\d{6}", n)]  # not its trials
+    marker = json.loads(storage.read_text(storage.join(sweeps_uri, name, SWEEP_FILE)))
+    assert (marker["parent_run_id"], marker["sweep_name"]) == (parent_run_id, name)
+    assert storage.exists(storage.join(sweeps_uri, name, "tuner.pkl"))
+    assert f"resuming sweep {name} ({storage.join(sweeps_uri, name)})" in resumed.stdout
+    assert not (workdir / "ray_results").exists()  # nothing on the local disk
 
 
 def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
@@ -188,3 +247,82 @@ def test_repeats_train_at_once_and_asha_stops_a_poor_trial_after_its_first_rung(
     assert all(status == "KILLED" and epoch < epochs and reason is None for status, epoch, reason in stopped), stopped
     assert [r.info.run_id for r in mlflow.search_runs([good.info.experiment_id])
             if r.info.status == "RUNNING"] == []
+
+
+# ------------------------------------------------------------------------------------------
+# --resume: the sweep's marker, found through the storage path's own filesystem (no Ray)
+
+
+@pytest.fixture(params=["local", "s3"])
+def sweeps_root(request, tmp_path):
+    from semckd_ray import storage
+
+    if request.param == "local":
+        return str(tmp_path / "ray_results")
+    return storage.join(request.getfixturevalue("s3_bucket"), "sweeps")
+
+
+def test_the_latest_sweep_of_the_config_is_found_by_its_marker(sweeps_root):
+    """What a killed driver leaves behind is what --resume finds: the newest sweep of this config
+    with a marker, not another config's (whose name starts the same) nor a folder without one."""
+    from semckd_ray import storage
+    from semckd_ray.tune import SWEEP_FILE, _find_sweep, _write_sweep
+
+    for name in ("smoke-20240101-000000", "smoke-20240102-000000", "smoke-x-20250101-000000"):
+        _write_sweep(storage.join(sweeps_root, name), json.dumps({"parent_run_id": f"p-{name}", "sweep_name": name}))
+    storage.write_text(storage.join(sweeps_root, "smoke-20250101-000000", "tuner.pkl"), "no marker")  # died first
+    storage.write_text(storage.join(sweeps_root, "smoke-0123abcd", "semckd_train.json"), "{}")  # a training
+    newest = storage.join(sweeps_root, "smoke-20240102-000000")
+    assert _find_sweep(sweeps_root, "smoke", "latest") == (
+        newest, {"parent_run_id": "p-smoke-20240102-000000", "sweep_name": "smoke-20240102-000000"})
+    older = storage.join(sweeps_root, "smoke-20240101-000000")
+    assert _find_sweep(sweeps_root, "smoke", older)[1]["sweep_name"] == "smoke-20240101-000000"
+    assert _find_sweep(sweeps_root, "smoke-x", "latest")[1]["sweep_name"] == "smoke-x-20250101-000000"
+    with pytest.raises(UserError, match=rf"--resume {re.escape(storage.join(sweeps_root, 'smoke-20250101-000000'))}: "
+                                        rf"no sweep there \(missing {SWEEP_FILE}\)"):
+        _find_sweep(sweeps_root, "smoke", storage.join(sweeps_root, "smoke-20250101-000000"))
+    with pytest.raises(UserError, match="no sweep named 'other' under"):
+        _find_sweep(sweeps_root, "other", "latest")
+    storage.write_text(storage.join(older, SWEEP_FILE), "not json")
+    with pytest.raises(UserError, match="is not a sweep's marker"):
+        _find_sweep(sweeps_root, "smoke", older)
+
+
+def test_a_relative_local_sweep_folder_comes_back_absolute(tmp_path, monkeypatch):
+    from semckd_ray.tune import _find_sweep, _write_sweep
+
+    monkeypatch.chdir(tmp_path)
+    _write_sweep(str(tmp_path / "runs" / "smoke-20240101-000000"), json.dumps({"parent_run_id": "p", "sweep_name": "s"}))
+    folder, _ = _find_sweep("runs", "smoke", "runs/smoke-20240101-000000")
+    assert folder == str(tmp_path / "runs" / "smoke-20240101-000000")
+    assert _find_sweep("runs", "smoke", "latest")[0] == folder
+
+
+@pytest.mark.parametrize("where", ["local", "bucket", "no-bucket", "endpoint"])
+def test_a_wrong_resume_path_is_refused_before_ray_or_a_teacher_starts(where, workdir, monkeypatch, request):
+    """``--resume PATH`` naming no sweep, on the disk or in object storage, is one clear error, and
+    nothing has started yet (Ray, the teacher's training, the tracking check)."""
+    import semckd_ray.teacher
+    import semckd_ray.trainer
+    from semckd_ray import storage, tune
+
+    for module, name in ((semckd_ray.trainer, "ensure_ray"), (semckd_ray.teacher, "ensure_teacher"),
+                         (tune.tracking, "check_reachable")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("started before the --resume check"))
+    if where == "local":
+        path = str(workdir / "nothing-here")
+    elif where == "bucket":
+        path = storage.join(request.getfixturevalue("s3_bucket"), "sweeps", "smoke-20240101-000000")
+    elif where == "no-bucket":
+        endpoint = request.getfixturevalue("s3_server")
+        path = f"s3://KEYID1234:hunter2hunter2@no-such-bucket-x/sweeps/smoke-1?endpoint_override={endpoint}"
+    else:
+        path = "s3://bucket/sweeps/smoke-1?endpoint_override=http://127.0.0.1:1"
+    with pytest.raises(UserError) as info:
+        tune.main(["--config", str(SMOKE), "--set", f"data.root={workdir / 'data'}", "--resume", path])
+    message = str(info.value)
+    assert message.startswith("--resume") and "hunter2" not in message and "KEYID1234" not in message
+    if where in ("local", "bucket", "no-bucket"):
+        assert "no sweep there (missing semckd_sweep.json)" in message, message
+    else:
+        assert "cannot read" in message and "127.0.0.1" in message, message
