@@ -11,7 +11,6 @@ seed consumer.
 from __future__ import annotations
 
 import copy
-import sys
 import typing
 from pathlib import Path
 
@@ -45,9 +44,21 @@ SEARCH = {"num_samples": 2, "seed": 0, "space": {"optim.lr": {"type": "logunifor
           "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}}
 
 
-def ray_started() -> bool:
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
+RAY_CALLS: list[tuple] = []
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Starting or joining Ray is recorded and refused: in the suite this process has joined the
+    session's cluster already, so ``ray.is_initialized()`` cannot tell whether a command started it."""
+    from semckd_ray import trainer
+
+    def refuse(*args, **kwargs):
+        RAY_CALLS.append(args)
+        raise AssertionError("the command went on to start Ray")
+
+    RAY_CALLS.clear()
+    monkeypatch.setattr(trainer, "ensure_ray", refuse)
 
 
 def cli_error(main, argv: list[str], capsys) -> str:
@@ -58,7 +69,7 @@ def cli_error(main, argv: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert info.value.code == 2, err
     assert "Traceback" not in err and err.startswith("error: "), err
-    assert not ray_started()
+    assert RAY_CALLS == []
     return err
 
 
