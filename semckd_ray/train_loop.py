@@ -402,8 +402,10 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
                     tracker.attention(attention, epoch, title=f"{cfg.teacher.model} -> {cfg.student.model}")
                 if last:
                     tracker.final(cfg, distiller, best_weights)
-                if save:  # what this checkpoint's epochs logged outlives the worker with it
-                    tracker.logger.checkpoint()
+                # Sent or spooled before the report, which may be this worker's last act: ASHA ends
+                # a trial right after the report it stops it on, and a checkpoint's epochs must
+                # outlive the worker that logged them.
+                tracker.logger.checkpoint()
             reporter.report(metrics, checkpoint_dir)
         if env.rank == 0:
             _print_progress(cfg, metrics, epoch, seconds)

@@ -264,6 +264,9 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
             mean["epoch"] = reported
             if reported not in logged:
                 logger.log_metrics(mean, step=reported)
+            # Sent or spooled before the report: ASHA ends this process right after the report it
+            # stops the trial on, and the trial's curve must still hold that epoch.
+            logger.checkpoint()
             if reported == last:
                 logger.close()
                 finish_run(cfg, run_id, "FINISHED")
@@ -378,10 +381,7 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
         parent_run_id, sweep_name = info["parent_run_id"], info["sweep_name"]
         client.update_run(parent_run_id, status="RUNNING")
         print(f"[semckd-ray] resuming sweep {sweep_name} ({storage.redact(sweep_dir)})", flush=True)
-        from semckd_ray.spool import send_spool, spools
-
-        for run_id, folder in spools(root).items():  # what trainings kept while MLflow was down
-            send_spool(client, run_id, folder)
+        _send_spools(client, root, parent_run_id)  # what its trainings kept while MLflow was down
     else:
         sweep_name = f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_dir = storage.join(root, sweep_name)  # where Tune keeps the sweep: a folder or a URI
@@ -431,9 +431,25 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     except BaseException:
         client.set_terminated(parent_run_id, "KILLED")
         raise
+    _send_spools(client, root, parent_run_id)
     summary = summarize(base, parent_run_id, results, search)
     client.set_terminated(parent_run_id, "FINISHED")
     return summary
+
+
+def _send_spools(client, root: str, parent_run_id: str) -> None:
+    """Send what the sweep's trials and seeds spooled and did not send themselves: a trial that
+    Tune ended while MLflow was unreachable leaves its last epochs in its spool."""
+    from semckd_ray.spool import send_spool, spools
+
+    for run_id, folder in spools(root).items():
+        try:
+            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+            grandparent = client.get_run(parent).data.tags.get("mlflow.parentRunId") if parent else None
+        except Exception:  # another sweep's run, or MLflow still down: left for sync
+            continue
+        if parent_run_id in (parent, grandparent):
+            send_spool(client, run_id, folder)
 
 
 def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw: dict[str, Any]) -> str:

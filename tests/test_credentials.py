@@ -10,6 +10,7 @@ logs, the server's stores) for that password.
 from __future__ import annotations
 
 import base64
+import json
 import http.server
 import io
 import os
@@ -282,8 +283,33 @@ def auth_server(tmp_path_factory):
                 continue
 
 
+def _sweep_config(work: Path, storage: Path) -> Path:
+    """A one-trial sweep whose teacher the sweep trains first (a standalone training of one epoch):
+    one command writes what a training and a sweep write. Short epochs (437 training images)."""
+    import yaml
+
+    data = {"dataset": "digits", "root": str(work / "data"), "val_size": 1000}
+    teacher = {"name": "cred-teacher", "seed": 0, "data": data, "student": {"model": "resnet8"},
+               "method": {"name": "vanilla"}, "optim": {"epochs": 1, "batch_size": 32, "lr_decay_epochs": []},
+               "checkpoint": {"every": 1}, "tracking": {"experiment": "credentials"}}
+    (work / "teacher.yaml").write_text(yaml.safe_dump(teacher))
+    sweep = {"name": "cred-sweep", "seed": 0, "data": data, "student": {"model": "resnet8"},
+             "teacher": {"model": "resnet8", "train": "teacher.yaml"}, "method": {"name": "kd"},
+             "optim": {"epochs": 1, "batch_size": 32, "lr_decay_epochs": []}, "checkpoint": {"every": 1},
+             "tracking": {"experiment": "credentials", "storage_path": str(storage)},
+             "search": {"num_samples": 1, "seed": 0, "scheduler": {"type": "none"},
+                        "space": {"optim.lr": {"type": "choice", "values": [0.05]}}}}
+    path = work / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
 @pytest.mark.slow
-def test_a_password_server_logs_the_training_and_the_password_is_nowhere(auth_server, tmp_path, monkeypatch):
+def test_a_password_server_logs_a_training_and_a_sweep_and_the_password_is_nowhere(auth_server, tmp_path, monkeypatch):
+    """The sweep trains its teacher (a training of its own, with its checkpoints and marker), then its
+    trial; the password planted in the tracking URI is in nothing either wrote or printed: files under
+    the working folder, the storage path (checkpoints, Tune's state, the sweep's marker, spools), Ray's
+    session folder (logs of every worker), the MLflow server's store and every artifact."""
     from servers import MARKER, stop_marked
 
     url, password, server_root = auth_server
@@ -297,9 +323,7 @@ def test_a_password_server_logs_the_training_and_the_password_is_nowhere(auth_se
            if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                         "MLFLOW_TRACKING_TOKEN")}
     env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", **{MARKER: marker})
-    command = [sys.executable, "-m", "semckd_ray.train", "--config", str(TEACHER_CONFIG),
-               "--set", "optim.epochs=1", "--set", f"data.root={work / 'data'}",
-               "--set", f"tracking.storage_path={storage}", "--set", "tracking.experiment=credentials",
+    command = [sys.executable, "-m", "semckd_ray.tune", "--config", str(_sweep_config(work, storage)),
                "--set", f"tracking.uri={uri}"]
     try:
         result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -308,34 +332,46 @@ def test_a_password_server_logs_the_training_and_the_password_is_nowhere(auth_se
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
 
-    # The run is there, logged with the password the URI carried.
+    # The runs are there, logged with the password the URI carried.
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     mlflow = tracking.client(url)
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("credentials").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED", output[-4000:]
-    run = runs[0]
-    assert run.data.metrics.get("epoch") == 1
-    assert run.data.params["tracking.uri"] == url  # the URI, without its credentials
+    roles = sorted(r.data.tags.get("role", "trial") for r in runs)
+    assert roles == ["student", "sweep", "teacher"] or roles == ["sweep", "teacher", "trial"], roles
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags.get("role"), r.info.status) for r in runs]
+    for run in runs:
+        if run.data.tags.get("role") != "sweep":
+            assert run.data.metrics.get("epoch") == 1
+            assert run.data.params["tracking.uri"] == url  # the URI, without its credentials
 
-    # ... and the password is in none of what the training wrote or said.
+    # ... and the password is in none of what the training and the sweep wrote or said.
     needles = _needles(password)
     said = [line for line in output.splitlines() if any(n.decode() in line for n in needles)]
     assert not said, "the password is in the command's output:\n" + _masked("\n".join(said[:20]), needles)
     checkpoints = [p for p in _files(storage) if p.name == "state.pt"]
-    assert checkpoints, f"no checkpoint under {storage}"
+    assert len(checkpoints) >= 2, f"no checkpoint of both trainings under {storage}: {checkpoints}"
     import torch
 
-    saved = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
-    assert saved["config"]["tracking"]["uri"] == url
+    for path in checkpoints:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        assert saved["config"]["tracking"]["uri"] == url, path
+    from semckd_ray.trainer import TRAIN_FILE
+    from semckd_ray.tune import SWEEP_FILE
+
+    markers = {p.name: json.loads(p.read_text()) for p in _files(storage) if p.name in (SWEEP_FILE, TRAIN_FILE)}
+    assert set(markers) == {SWEEP_FILE, TRAIN_FILE}, sorted(p.name for p in _files(storage))
+    assert markers[SWEEP_FILE]["tracking_uri"] == url
     artifacts = Path(tempfile.mkdtemp(dir=tmp_path))
-    mlflow.download_artifacts(run.info.run_id, "", str(artifacts))
+    for run in runs:
+        mlflow.download_artifacts(run.info.run_id, "", str(artifacts / run.info.run_id))
     everything = (work, storage, ray_tmp, server_root / "mlflow.db", server_root / "mlartifacts", artifacts)
     leaks = [str(p) for p in _files(*everything) if _holds(p, needles)]
     assert not leaks, f"the password is in {leaks}:\n" + "\n".join(_context(Path(p), needles) for p in leaks[:10])
-    texts = [repr(run.data.params), repr(run.data.tags), run.info.run_name or ""]
+    texts = [repr(r.data.params) + repr(r.data.tags) + (r.info.run_name or "") for r in runs]
     assert not any(n.decode() in t for t in texts for n in needles)
-    assert any(_files(ray_tmp)), "the training's Ray wrote no session files where RAY_TMPDIR pointed"
+    assert any(_files(ray_tmp)), "the sweep's Ray wrote no session files where RAY_TMPDIR pointed"
+    assert list(artifacts.rglob("*.pt")), "no checkpoint among the runs' artifacts"
 
 
 @pytest.mark.slow

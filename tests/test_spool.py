@@ -149,3 +149,34 @@ def test_a_spool_for_a_run_the_store_does_not_have_is_a_clear_error(store):
     storage.write_text(storage.join(spool_dir(root, "0" * 32), "worker.json"), json.dumps({"calls": []}))
     with pytest.raises(UserError, match="does not have"):
         sync(root, uri)
+
+
+def test_the_end_of_a_sweep_sends_what_its_stopped_trials_spooled_and_leaves_other_sweeps_spools(store, monkeypatch):
+    """ASHA ends a trial's process right after the report that stops it; if MLflow was down then, the
+    trial's last epoch is in its spool, and the sweep's driver sends it before it summarises. A seed
+    run (a trial's child) counts as the sweep's; another sweep's spool is left for its own driver or sync."""
+    from semckd_ray.tune import _send_spools
+
+    uri, mlflow, _, root = store
+    experiment = mlflow.create_experiment("sweeps")
+
+    def run(parent=None):
+        tags = {"mlflow.parentRunId": parent} if parent else {}
+        return mlflow.create_run(experiment, tags=tags).info.run_id
+
+    sweep, other = run(), run()
+    trial = run(sweep)
+    seed, other_trial = run(trial), run(other)
+    down = Outage()
+    down.down = True
+    monkeypatch.setattr(tracking, "client", down.client)
+    for run_id in (trial, seed, other_trial):
+        logger = SpooledLogger(uri, run_id, spool_dir(root, run_id))
+        logger.log_metrics({"epoch": 1, "val_top1": 9.0}, step=1)
+        logger.checkpoint(timeout_s=0.2)  # what a stopped trial did before its last report
+    monkeypatch.setattr(tracking, "client", _real_client)
+
+    _send_spools(mlflow, root, sweep)
+    assert epochs(mlflow, trial) == [1] and epochs(mlflow, seed) == [1]
+    assert epochs(mlflow, other_trial) == []
+    assert sorted(spool.spools(root)) == [other_trial]
