@@ -274,19 +274,22 @@ def scaling_config(cfg: TrainConfig):
                                    resources_per_worker=worker_resources(cfg.scaling))
 
 
-def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbacks: list | None = None):
+def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbacks: list | None = None,
+                  root: str | None = None):
+    """The run's TorchTrainer; ``root``: the storage path, as ``storage_path(cfg)`` resolves it."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    root = root or storage_path(cfg)
     return TorchTrainer(
         _ray_worker_entry,
         train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id,
-                           "tracking_uri": cfg.tracking.uri, "spool": spool_dir(storage_path(cfg), run_id)},
+                           "tracking_uri": cfg.tracking.uri, "spool": spool_dir(root, run_id)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=train_run_name,
-            storage_path=storage_path(cfg),
+            storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,
@@ -302,33 +305,40 @@ def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, cal
     # where importing torch in a fresh worker alone can take that long. Ray Train forwards this
     # variable from here to its controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
-    trainer = build_trainer(cfg, run_id, train_run_name=train_run_name or f"{cfg.name}-{run_id}", callbacks=callbacks)
+    root = storage_path(cfg)
+    trainer = build_trainer(cfg, run_id, train_run_name=train_run_name or f"{cfg.name}-{run_id}", callbacks=callbacks,
+                            root=root)
     try:
         result = trainer.fit()
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        finish_run(cfg, run_id, status, reason=f"{type(exc).__name__}: {exc}")
+        finish_run(cfg, run_id, status, reason=f"{type(exc).__name__}: {exc}", root=root)
         raise
     # The last epoch's metrics: Result.metrics are those of the latest checkpoint, and the epoch
     # a diverged run stops in has none.
     metrics = dict(result.return_value or result.metrics or {})
     if metrics.get("diverged"):
-        spooled = finish_run(cfg, run_id, "FAILED", reason=f"training loss diverged in epoch {metrics.get('epoch')}")
+        spooled = finish_run(cfg, run_id, "FAILED", reason=f"training loss diverged in epoch {metrics.get('epoch')}",
+                             root=root)
     else:
-        spooled = finish_run(cfg, run_id, "FINISHED")
+        spooled = finish_run(cfg, run_id, "FINISHED", root=root)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint,
-                       tracking_uri=cfg.tracking.uri, spool=spooled, storage_root=storage_path(cfg))
+                       tracking_uri=cfg.tracking.uri, spool=spooled, storage_root=root)
 
 
-def finish_run(cfg: TrainConfig, run_id: str, status: str, reason: str | None = None) -> str | None:
+def finish_run(cfg: TrainConfig, run_id: str, status: str, reason: str | None = None, *,
+               root: str | None = None) -> str | None:
     """Close the run ``status``, after sending what its workers spooled; returns the spool folder when
-    MLflow cannot be reached even with its own retries, and that folder then holds the close too."""
+    MLflow cannot be reached even with its own retries, and that folder then holds the close too.
+
+    ``root``: the storage path, as ``storage_path(cfg)`` resolves it."""
     from semckd_ray import storage
     from semckd_ray.spool import send_spool, spool_close
 
     mlflow_client = tracking.client(cfg.tracking.uri)
-    folder = spool_dir(storage_path(cfg), run_id)
+    root = root or storage_path(cfg)
+    folder = spool_dir(root, run_id)
     try:
         if storage.exists(folder):
             send_spool(mlflow_client, run_id, folder)
@@ -338,7 +348,7 @@ def finish_run(cfg: TrainConfig, run_id: str, status: str, reason: str | None = 
         spool_close(folder, status, reason)
         log.warning("MLflow is unreachable (%s): run %s is kept in %s, to be sent and closed as %s by "
                     "'python -m semckd_ray.sync --storage %s'", tracking.redact(str(exc))[:300], run_id,
-                    tracking.redact(folder), status, tracking.redact(storage_path(cfg)))
+                    tracking.redact(folder), status, tracking.redact(root))
         return folder
 
 

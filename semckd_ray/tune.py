@@ -225,12 +225,11 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
     client = tracking.client(cfg.tracking.uri)
     finished = {k for k, (_, seed_run) in enumerate(seeds) if client.get_run(seed_run).info.status == "FINISHED"}
     # A resumed sweep: what each seed logged before the driver died stands in for the epochs that
-    # its resumed training will not report again, and the trial's own history is not logged twice.
+    # its resumed training will not report again (the trial's logger skips the epochs its run has).
     by_epoch: dict[int, dict[int, dict[str, float]]] = {}
     for k, (_, seed_run) in enumerate(seeds):
         for epoch, metrics in _history(cfg.tracking.uri, seed_run).items():
             by_epoch.setdefault(epoch, {})[k] = metrics
-    logged = set(_history(cfg.tracking.uri, run_id))
 
     def train(k: int) -> None:
         seed_cfg, seed_run = seeds[k]
@@ -262,8 +261,7 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
             mean = {key: sum(m[key] for m in per_seed) / repeats
                     for key in per_seed[0] if all(key in m for m in per_seed)}
             mean["epoch"] = reported
-            if reported not in logged:
-                logger.log_metrics(mean, step=reported)
+            logger.log_metrics(mean, step=reported)
             # Sent or spooled before the report: ASHA ends this process right after the report it
             # stops the trial on, and the trial's curve must still hold that epoch.
             logger.checkpoint()

@@ -213,6 +213,19 @@ def start_ray_worker_node(head: RayHead, root: Path, num_cpus: int = 1, marker: 
         raise StartError(f"ray start --address failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
 
 
+def _start_http_server(name: str, command: list[str], env: dict[str, str], log_path: Path, health_url: str
+                       ) -> subprocess.Popen:
+    """Start ``command`` in a process group of its own, logging to ``log_path``, and wait until
+    ``health_url`` answers 200; a server that exits first is a ``StartError`` with its log's tail."""
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: http_status(health_url) == 200 or process.poll() is not None,
+               START_TIMEOUT_S, name, lambda: tail(log_path))
+    if process.poll() is not None:
+        raise StartError(f"{name} exited with {process.returncode}:\n{tail(log_path)}")
+    return process
+
+
 def start_mlflow_server(root: Path, port: int | None = None, *, extra_args: tuple[str, ...] = (),
                         extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """``mlflow server`` with a SQLite store in ``root``, proxying artifacts; returns (process, url).
@@ -220,20 +233,15 @@ def start_mlflow_server(root: Path, port: int | None = None, *, extra_args: tupl
     It leads a process group of its own (``start_new_session``): stop it with ``os.killpg``.
     """
     port = port or free_port()
-    log_path = root / f"mlflow_server_{port}.log"
-    with open(log_path, "a") as log:
-        process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1", *extra_args],
-            env={**base_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_status(f"{url}/health") == 200 or process.poll() is not None,
-               START_TIMEOUT_S, "mlflow server", lambda: tail(log_path))
-    if process.poll() is not None:
-        raise StartError(f"mlflow server exited with {process.returncode}:\n{tail(log_path)}")
+    process = _start_http_server(
+        "mlflow server",
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1", *extra_args],
+        {**base_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})},
+        root / f"mlflow_server_{port}.log", f"{url}/health",
+    )
     return process, url
 
 
@@ -272,17 +280,9 @@ def start_s3_server(root: Path, port: int | None = None) -> tuple[subprocess.Pop
     ``os.killpg(process.pid, ...)``. Its clients need ``S3_ENV`` (any credentials do).
     """
     port = port or free_port()
-    log_path = root / f"s3_server_{port}.log"
-    with open(log_path, "a") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            env=base_env(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_status(f"{url}/moto-api/") == 200 or process.poll() is not None,
-               START_TIMEOUT_S, "S3 server (moto)", lambda: tail(log_path))
-    if process.poll() is not None:
-        raise StartError(f"moto server exited with {process.returncode}:\n{tail(log_path)}")
+    process = _start_http_server("S3 server (moto)", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                 base_env(root), root / f"s3_server_{port}.log", f"{url}/moto-api/")
     return process, url
 
 

@@ -18,8 +18,8 @@ from semckd_ray.spool import SpooledLogger, spool_dir
 class Outage:
     """A switch, and MLflow clients that fail while it is on (``down``)."""
 
-    def __init__(self):
-        self.down = False
+    def __init__(self, down: bool = False):
+        self.down = down
 
     def client(self, uri):
         real = _real_client(uri)
@@ -54,16 +54,21 @@ def store(workdir, monkeypatch):
     return uri, mlflow, run_id, str(workdir / "storage")
 
 
+@pytest.fixture
+def outage(monkeypatch):
+    """An outage in progress: every MLflow client made from now on fails until ``outage.down = False``."""
+    switch = Outage(down=True)
+    monkeypatch.setattr(tracking, "client", switch.client)
+    return switch
+
+
 def epochs(mlflow, run_id):
     return sorted(m.step for m in mlflow.get_metric_history(run_id, "epoch"))
 
 
-def test_a_worker_that_dies_mid_outage_leaves_its_queue_to_the_next_one(store, monkeypatch, tmp_path):
+def test_a_worker_that_dies_mid_outage_leaves_its_queue_to_the_next_one(store, outage, monkeypatch, tmp_path):
     uri, mlflow, run_id, root = store
     folder = spool_dir(root, run_id)
-    dead = Outage()
-    dead.down = True
-    monkeypatch.setattr(tracking, "client", dead.client)
     first = SpooledLogger(uri, run_id, folder)
     picture = tmp_path / "attention.png"
     picture.write_bytes(b"png bytes")
@@ -76,8 +81,7 @@ def test_a_worker_that_dies_mid_outage_leaves_its_queue_to_the_next_one(store, m
     kept = json.loads(storage.read_text(storage.join(folder, "worker.json")))["calls"]
     assert [c["op"] for c in kept] == ["metrics"] * 3 + ["artifact", "tag"]
 
-    alive = Outage()
-    monkeypatch.setattr(tracking, "client", alive.client)
+    monkeypatch.setattr(tracking, "client", Outage().client)  # the first logger's client stays down
     second = SpooledLogger(uri, run_id, folder)  # Ray Train restarted the worker from epoch 3
     second.log_metrics({"epoch": 3, "val_top1": 99.0}, step=3)  # recomputed: logged already, dropped
     second.log_metrics({"epoch": 4, "val_top1": 40.0}, step=4)
@@ -100,11 +104,8 @@ def test_an_epoch_the_server_has_is_not_logged_again_by_a_restarted_worker(store
     assert epochs(mlflow, run_id) == [1, 2, 3]
 
 
-def test_logging_does_not_wait_for_the_server(store, monkeypatch):
+def test_logging_does_not_wait_for_the_server(store, outage):
     uri, mlflow, run_id, root = store
-    outage = Outage()
-    outage.down = True
-    monkeypatch.setattr(tracking, "client", outage.client)
     logger = SpooledLogger(uri, run_id, spool_dir(root, run_id))
     for epoch in range(1, 51):
         logger.log_metrics({"epoch": epoch}, step=epoch)  # returns at once: queued, sent by a thread
@@ -114,14 +115,11 @@ def test_logging_does_not_wait_for_the_server(store, monkeypatch):
     assert epochs(mlflow, run_id) == list(range(1, 51))
 
 
-def test_sync_sends_a_spool_and_closes_the_run_as_its_training_ended(store, monkeypatch, capsys):
+def test_sync_sends_a_spool_and_closes_the_run_as_its_training_ended(store, outage, monkeypatch, capsys):
     from semckd_ray.sync import main
 
     uri, mlflow, run_id, root = store
     folder = spool_dir(root, run_id)
-    outage = Outage()
-    outage.down = True
-    monkeypatch.setattr(tracking, "client", outage.client)
     logger = SpooledLogger(uri, run_id, folder)
     logger.log_metrics({"epoch": 1}, step=1)
     logger.set_tag("secret_free", "yes")
@@ -151,7 +149,8 @@ def test_a_spool_for_a_run_the_store_does_not_have_is_a_clear_error(store):
         sync(root, uri)
 
 
-def test_the_end_of_a_sweep_sends_what_its_stopped_trials_spooled_and_leaves_other_sweeps_spools(store, monkeypatch):
+def test_the_end_of_a_sweep_sends_what_its_stopped_trials_spooled_and_leaves_other_sweeps_spools(store, outage,
+                                                                                                 monkeypatch):
     """ASHA ends a trial's process right after the report that stops it; if MLflow was down then, the
     trial's last epoch is in its spool, and the sweep's driver sends it before it summarises. A seed
     run (a trial's child) counts as the sweep's; another sweep's spool is left for its own driver or sync."""
@@ -167,9 +166,6 @@ def test_the_end_of_a_sweep_sends_what_its_stopped_trials_spooled_and_leaves_oth
     sweep, other = run(), run()
     trial = run(sweep)
     seed, other_trial = run(trial), run(other)
-    down = Outage()
-    down.down = True
-    monkeypatch.setattr(tracking, "client", down.client)
     for run_id in (trial, seed, other_trial):
         logger = SpooledLogger(uri, run_id, spool_dir(root, run_id))
         logger.log_metrics({"epoch": 1, "val_top1": 9.0}, step=1)

@@ -18,6 +18,7 @@ import pytest
 from servers import wait_until
 from semckd_ray.tracking import client
 from test_bad_input import TEACHER_CONFIG, TRAIN, assert_user_error, run_command
+from test_mlflow_outage import SHORT_EPOCHS
 
 EPOCHS = 4
 TIMEOUT_S = 600
@@ -33,7 +34,7 @@ def test_a_resume_path_without_a_training_is_refused_before_ray_starts(tmp_path)
 def test_a_killed_standalone_training_resumes_in_its_run_from_its_checkpoint(ray_cluster, workdir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", TRAIN, "--config", str(TEACHER_CONFIG), "--set", f"optim.epochs={EPOCHS}",
-               "--set", f"data.root={workdir / 'data'}", "--set", "checkpoint.every=1",
+               *SHORT_EPOCHS, "--set", f"data.root={workdir / 'data'}", "--set", "checkpoint.every=1",
                "--set", "tracking.experiment=resume"]
     mlflow = client(os.environ["MLFLOW_TRACKING_URI"])
 

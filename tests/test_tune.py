@@ -102,6 +102,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
 
     cfg_path = workdir / "sweep.yaml"
     raw = smoke_raw(workdir, epochs=2)
+    raw["data"]["val_size"] = 1000  # 437 images to train on: short epochs
     raw["teacher"]["train"] = str(SMOKE.parent / raw["teacher"]["train"])
     teacher_run = trained_teacher(Path(raw["teacher"]["train"]), os.environ["MLFLOW_TRACKING_URI"], workdir)
     sweeps_uri = storage.join(s3_bucket, "sweeps")
@@ -204,11 +205,11 @@ def test_repeats_train_at_once_and_asha_stops_a_poor_trial_after_its_first_rung(
     have trained to the end."""
     from semckd_ray.tune import sweep
 
-    epochs = 3
+    epochs = 2
     raw = {
         "name": "repeats", "seed": 0, "data": {"dataset": "digits", "root": str(workdir / "data")},
         "method": {"name": "vanilla"}, "student": {"model": "resnet8"},
-        "optim": {"epochs": epochs, "batch_size": 32, "lr_decay_epochs": [3]},
+        "optim": {"epochs": epochs, "batch_size": 32, "lr_decay_epochs": [2]},
         "checkpoint": {"every": 1}, "tracking": {"experiment": "repeats"},
         # Optuna's TPE with this seed samples the good lr first and the poor one second. After one
         # epoch the good one's seeds score 23 and 12 % (validation top-1), the poor one's about 9.

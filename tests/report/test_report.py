@@ -31,7 +31,7 @@ PAIR = "resnet14->resnet8"
 def _raw(uri: str, **sections) -> dict:
     raw = {
         "name": "rep",
-        "data": {"dataset": "digits"},
+        "data": {"dataset": "digits", "val_size": 1000},  # 437 images to train on: short epochs
         "student": {"model": "resnet8"},
         "method": {"name": "vanilla"},
         "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05, "lr_decay_epochs": []},
