@@ -33,7 +33,7 @@ def semckd_config(workdir: Path):
     torch.save({"model": create_model("resnet8", num_classes=10).state_dict()}, teacher)
     return parse_train_config({
         "name": "faults",
-        "data": {"dataset": "digits", "root": str(workdir / "data")},
+        "data": {"dataset": "digits", "root": str(workdir / "data"), "val_size": 1000},  # 437 to train on
         "teacher": {"model": "resnet8", "checkpoint": str(teacher)},
         "student": {"model": "resnet8"},
         "method": {"name": "semckd", "beta": 10, "options": {"factor": 4, "proj_width": 1}},
