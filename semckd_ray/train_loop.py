@@ -353,7 +353,10 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             test = evaluate(student, test_batches, env, amp)
             state.test_top1_at_best, state.test_top5_at_best = test["top1"], test["top5"]
             best_weights = _weights(distiller, epoch, cfg)
+        # The score first: Tune's progress table shows a trial's first four metrics.
         metrics = {
+            "best_val_top1": state.best_val_top1 if val else math.nan,
+            **({"val_top1": val["top1"]} if val else {}),
             "epoch": epoch,
             "lr": lr,
             "train_steps": train_metrics.pop("steps"),
@@ -362,7 +365,6 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             **{f"train_{k}": v for k, v in train_metrics.items()},
             **{f"val_{k}": v for k, v in val.items()},
             **attention_metrics(attention),
-            "best_val_top1": state.best_val_top1 if val else math.nan,
         }
         if last:
             test_last = evaluate(student, test_batches, env, amp)

@@ -231,8 +231,19 @@ def _log_config_file(mlflow_client, run_id: str, cfg: TrainConfig) -> None:
 
 
 def _ray_worker_entry(config: dict[str, Any]) -> dict[str, float]:
+    import logging
+
     from semckd_ray.train_loop import run_worker
 
+    # Ray Train 2.60 logs every report at INFO ("Reporting training result N: TrainingReport(...)"),
+    # a dump per epoch that our progress line says better. Its logger is named after its file, not
+    # under "ray.train", so LoggingConfig's level misses it; its warnings stay.
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray: its own logging, as it is
+        pass
     # Rank 0's final metrics come back as the Result's return_value.
     return run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"],
                       spool=config["spool"])
@@ -305,6 +316,9 @@ def fit(cfg: TrainConfig, *, run_id: str, train_run_name: str | None = None, cal
     # where importing torch in a fresh worker alone can take that long. Ray Train forwards this
     # variable from here to its controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
+    # Train's print patch hands a worker's print to its logger and, since a Ray worker's stdout is
+    # wrapped, to stdout as well: every progress line reached the terminal twice. Forwarded too.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     root = storage_path(cfg)
     trainer = build_trainer(cfg, run_id, train_run_name=train_run_name or f"{cfg.name}-{run_id}", callbacks=callbacks,
                             root=root)

@@ -27,6 +27,8 @@ def test_learns_digits_well_above_chance(tmp_path):
     final = run_worker(cfg, reporter)
     assert len(reporter.metrics) == 5
     assert [m["epoch"] for m in reporter.metrics] == [1, 2, 3, 4, 5]
+    # The score comes first: Tune's progress table shows a trial's first four metrics.
+    assert all(list(m)[:4] == ["best_val_top1", "val_top1", "epoch", "lr"] for m in reporter.metrics)
     assert final["best_val_top1"] > 60.0  # chance is 10%
     assert final["test_top1_at_best_val"] > 60.0
     for key in ("train_ce", "train_total", "train_top1", "train_top5", "val_top1", "val_top5", "lr",
