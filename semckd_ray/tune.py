@@ -444,7 +444,7 @@ def _send_spools(client, root: str, parent_run_id: str) -> None:
         try:
             parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
             grandparent = client.get_run(parent).data.tags.get("mlflow.parentRunId") if parent else None
-        except Exception:  # another sweep's run, or MLflow still down: left for sync
+        except Exception:  # a run this store does not have, or MLflow still down: left for sync
             continue
         if parent_run_id in (parent, grandparent):
             send_spool(client, run_id, folder)
