@@ -2,7 +2,10 @@
 
 A file in ``tune_configs/`` holds a training config (the sections below) and, optionally, a
 ``search`` section that ``semckd_ray.tune`` reads. Every mistake is reported as a ``UserError``
-naming the dotted key and what is allowed, before any cluster resource is taken.
+naming the dotted key and what is allowed, before any cluster resource is taken. Validation imports
+neither torch, Ray nor MLflow: datasets, models and methods are checked against their torch-free
+catalogs (``semckd_ray.data.catalog``, ``semckd_ray.models._registry``, ``semckd_ray.distill.catalog``),
+so that a mistake is reported in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from pydantic import (
     model_validator,
 )
 
+from semckd_ray.data.catalog import DATASETS, check_val_size, train_images
+from semckd_ray.distill.catalog import make_options, method_spec
 from semckd_ray.errors import UserError
+from semckd_ray.models._registry import check_model_name
 
 # Students the official code trains with lr 0.01 instead of 0.05 (SPEC section 7).
 SMALL_LR_MODELS = frozenset({"MobileNetV2", "ShuffleV1", "ShuffleV2"})
@@ -122,7 +128,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cifar100", "cifar10", "digits"] = "cifar100"
+    dataset: Literal[tuple(DATASETS)] = "cifar100"  # the names of the dataset catalog
     root: str = "data"  # resolved to an absolute path at load time: workers run elsewhere
     download: bool = False
     val_size: int | None = Field(default=None, ge=0)  # None: the dataset's default (CIFAR 5000)
@@ -133,8 +139,6 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _val_size_fits(self) -> DataConfig:
-        from semckd_ray.data import check_val_size
-
         try:
             check_val_size(self.dataset, self.val_size)  # the official split's size: no file is read
         except UserError as exc:
@@ -143,11 +147,7 @@ class DataConfig(_Section):
 
     def train_images(self) -> int:
         """Images of the official training split left for training once the val split is held out."""
-        from semckd_ray.data.datasets import _entry
-
-        entry = _entry(self.dataset)
-        val = entry.default_val_size(entry.train_size) if self.val_size is None else self.val_size
-        return entry.train_size - val
+        return train_images(self.dataset, self.val_size)
 
 
 class TeacherConfig(_Section):
@@ -191,8 +191,6 @@ class MethodConfig(_Section):
 
     @model_validator(mode="after")
     def _known_method(self) -> MethodConfig:
-        from semckd_ray.distill import make_options
-
         make_options(self.name, self.options)  # raises UserError naming the allowed values
         return self
 
@@ -303,9 +301,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _teacher_matches_method(self) -> TrainConfig:
-        from semckd_ray.distill import get_method_class
-
-        uses_teacher = get_method_class(self.method.name).uses_teacher
+        uses_teacher = method_spec(self.method.name).uses_teacher
         if uses_teacher and self.teacher is None:
             raise ValueError(
                 f"method {self.method.name!r} distils from a teacher: add a 'teacher' section "
@@ -351,11 +347,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _method_fits_batch(self) -> TrainConfig:
-        from semckd_ray.distill import get_method_class, make_options
-
-        cls = get_method_class(self.method.name)
+        spec = method_spec(self.method.name)
         try:
-            cls.check_batch_size(make_options(self.method.name, self.method.options), self.per_worker_batch())
+            spec.check_batch_size(make_options(self.method.name, self.method.options), self.per_worker_batch())
         except UserError as exc:
             raise ValueError(
                 f"method.options / optim.batch_size: {exc} (the per-worker batch: optim.batch_size="
@@ -421,19 +415,16 @@ class TrainConfig(_Section):
         return self.base_lr()
 
     def beta(self) -> float:
-        from semckd_ray.distill import get_method_class
-
         if self.method.beta is not None:
             return self.method.beta
-        return get_method_class(self.method.name).default_beta
+        return method_spec(self.method.name).default_beta
 
 
 def _check_model_name(name: str) -> str:
-    from semckd_ray.models import list_models
-
-    if name not in list_models():
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
-    return name
+    try:
+        return check_model_name(name)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from semckd_ray.cli import config_arguments, run_cli
-from semckd_ray.config import apply_overrides, get_dotted, parse_train_config, read_yaml
+from semckd_ray.config import TrainConfig, apply_overrides, get_dotted, load_train_config, parse_train_config, read_yaml
 from semckd_ray.errors import UserError
 
 CONFIG_ARTIFACT = "config.yaml"  # every run logs its resolved config there (trainer._log_config_file)
@@ -48,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_checkpoint(checkpoint: str, split: str, config_file: str | None = None,
                         overrides: list[str] = ()) -> dict[str, Any]:
     """The metrics of ``checkpoint`` on ``split``, with what they were computed on."""
+    # A wrong --config / --set is refused first, in a fraction of a second: before torch is imported.
+    cfg = load_train_config(config_file, overrides) if config_file else None
+
     import torch
 
     from semckd_ray.data import eval_loader, load_dataset
     from semckd_ray.train_loop import WorkerEnv, evaluate
 
-    blob, run_id, tracking_uri = _read_checkpoint(checkpoint, config_file, overrides)
-    cfg = _train_config(blob, run_id, tracking_uri, config_file, overrides, checkpoint)
+    configured_uri = cfg.tracking.uri if cfg is not None else _configured_tracking_uri(overrides)
+    blob, run_id, tracking_uri = _read_checkpoint(checkpoint, configured_uri)
+    if cfg is None:
+        cfg = _checkpoint_config(blob, run_id, tracking_uri, overrides, checkpoint)
     splits = load_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download,
                           val_size=cfg.data.val_size, seed=cfg.data.split_seed)
     images = len(getattr(splits, split).labels)
@@ -86,9 +91,11 @@ def _load_model(cfg, blob: Any, num_classes: int, checkpoint: str):
     return model
 
 
-def _read_checkpoint(checkpoint: str, config_file: str | None,
-                     overrides: list[str]) -> tuple[Any, str | None, str | None]:
-    """The checkpoint's contents, and the MLflow run and store it comes from (None for a local file)."""
+def _read_checkpoint(checkpoint: str, configured_uri: str | None) -> tuple[Any, str | None, str | None]:
+    """The checkpoint's contents, and the MLflow run and store it comes from (None for a local file).
+
+    ``configured_uri``: the config's ``tracking.uri`` (None: the environment's or the default).
+    """
     from semckd_ray.models.checkpoint import read_checkpoint
     from semckd_ray.teacher import resolve_teacher_file, teacher_run_id
 
@@ -97,7 +104,7 @@ def _read_checkpoint(checkpoint: str, config_file: str | None,
     if checkpoint.startswith(("runs:/", "models:/")):
         from semckd_ray import tracking
 
-        tracking_uri = tracking.resolve_tracking_uri(_configured_tracking_uri(config_file, overrides))
+        tracking_uri = tracking.resolve_tracking_uri(configured_uri)
         tracking.check_reachable(tracking_uri)
         try:
             path = resolve_teacher_file(checkpoint, tracking_uri)
@@ -109,9 +116,9 @@ def _read_checkpoint(checkpoint: str, config_file: str | None,
     return read_checkpoint(Path(path)), run_id, tracking_uri
 
 
-def _configured_tracking_uri(config_file: str | None, overrides: list[str]) -> str | None:
-    """``tracking.uri`` of ``--config`` / ``--set``, if set there (else the environment's or the default)."""
-    raw = apply_overrides(read_yaml(config_file) if config_file else {}, list(overrides))
+def _configured_tracking_uri(overrides: list[str]) -> str | None:
+    """``tracking.uri`` of ``--set``, if set there (else the environment's or the default)."""
+    raw = apply_overrides({}, list(overrides))
     try:
         return get_dotted(raw, "tracking.uri")
     except KeyError:
@@ -124,23 +131,20 @@ def _as_checkpoint_error(message: str) -> str:
     return "--checkpoint " + message[len(prefix):] if message.startswith(prefix) else message
 
 
-def _train_config(blob: Any, run_id: str | None, tracking_uri: str | None, config_file: str | None,
-                  overrides: list[str], checkpoint: str):
-    """``--config``, else the checkpoint's own config, else its run's ``config.yaml``; ``--set`` on top."""
-    config_dir = None
-    if config_file:
-        raw, config_dir = read_yaml(config_file), Path(config_file).resolve().parent
-    elif isinstance(blob, dict) and isinstance(blob.get("config"), dict):
+def _checkpoint_config(blob: Any, run_id: str | None, tracking_uri: str | None, overrides: list[str],
+                       checkpoint: str) -> TrainConfig:
+    """Without ``--config``: the checkpoint's own config, else its run's ``config.yaml``; ``--set`` on top."""
+    if isinstance(blob, dict) and isinstance(blob.get("config"), dict):
         raw = blob["config"]
     elif run_id is not None:
         raw = _run_config(run_id, tracking_uri, checkpoint)
     else:
         raise UserError(f"--checkpoint {checkpoint!r} holds no training config (an official or hand-made "
                         "checkpoint): pass the config it was trained with, --config FILE")
-    if not config_file and isinstance(raw.get("data"), dict) and "split_seed" not in raw["data"]:
+    if isinstance(raw.get("data"), dict) and "split_seed" not in raw["data"]:
         # Saved before data.split_seed existed, when the run's seed chose its val split.
         raw = {**raw, "data": {**raw["data"], "split_seed": raw.get("seed", 0)}}
-    return parse_train_config(apply_overrides(raw, list(overrides)), config_dir=config_dir)
+    return parse_train_config(apply_overrides(raw, list(overrides)))
 
 
 def _run_config(run_id: str, tracking_uri: str, checkpoint: str) -> dict[str, Any]:

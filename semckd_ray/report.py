@@ -10,19 +10,32 @@ of a run named ``report`` when the experiment has no sweep):
 - ``table.csv`` (one line per cell), ``ari.csv``, ``runs.csv`` (the runs behind the cells);
 - ``curves_<pair>.png``: validation top-1 and every loss term per epoch, one line per run;
 - ``attention_<pair>.png``: SemCKD's validation attention at the last epoch, averaged over seeds;
-- ``sweep_<name>.png``: each sweep's score (best validation top-1) against every searched value.
+- ``sweep_<name>.png``: each sweep's score (best validation top-1 over the epochs each trial trained)
+  against every searched value, each trial marked by how many epochs it trained (ASHA stops some early).
 
 Which runs count: finished runs that logged ``test_top1_at_best_val``. A run outside any sweep counts
 as it is. A sweep contributes its best trial only (tag ``best_trial``, chosen on the validation
 split), or that trial's seed runs when it ran several seeds: counting every trial, or the best one
 on test, would turn a search into a better-looking result. The teacher and student rows are the
 ``vanilla`` runs of those models on the pair's dataset.
+
+A rerun counts once (``select``): runs among those that compute the same training are one
+experiment repeated, not another seed, and only the newest (by start time) counts. The same
+training is the same tag ``config_sha256`` (``trainer.config_digest``: the whole config, seed
+included, tracking settings aside); a run without that tag is compared by its logged config (its
+params, tracking settings aside), and one with neither counts alone. A sweep run again with the
+same search and base config is the same experiment too, even where its best trial came out
+another config (ASHA, concurrency and GPU noise can pick another): its best trial (or seed run of
+a seed) and the earlier sweep's are one result. Every run left out this way is listed, with the
+run that counts instead, in ``report.md`` and in ``runs.csv``'s ``duplicates`` column. This holds
+for the teacher and student rows as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import statistics
@@ -78,10 +91,32 @@ class Result:
     dataset: str
     seed: str
     value: float
+    sweep_id: str = ""  # the sweep it was chosen from; "" outside any sweep
 
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
+
+    @property
+    def started(self) -> tuple[int, int, str]:
+        """What "newest" sorts by: start time, then end time, then run id (for a tie)."""
+        info = self.run.info
+        return (info.start_time or 0, info.end_time or 0, info.run_id)
+
+
+@dataclass
+class Rerun:
+    """A run that does not count: it repeats the experiment of ``kept``, a newer run that counts."""
+
+    dropped: Result
+    kept: Result
+    why: str
+
+
+@dataclass
+class Selection:
+    results: list[Result]  # the runs that count
+    reruns: list[Rerun]  # the runs left out as reruns of one of them
 
 
 @dataclass
@@ -119,7 +154,12 @@ def all_runs(client, experiment_id: str) -> list:
 
 
 def select_results(runs: list) -> list[Result]:
-    """The runs that count (see the module docstring), newest first."""
+    """The runs that count (see the module docstring), in the order of ``runs``."""
+    return select(runs).results
+
+
+def select(runs: list) -> Selection:
+    """The runs that count and the reruns left out (see the module docstring)."""
     by_id = {r.info.run_id: r for r in runs}
     parents = {r.info.run_id: r.data.tags.get(tracking.PARENT_RUN_TAG) for r in runs}
     has_children = {p for p in parents.values() if p}
@@ -129,25 +169,113 @@ def select_results(runs: list) -> list[Result]:
         return (parent is not None and parent.data.tags.get("role") == "sweep"
                 and run.data.tags.get("best_trial") == "true")
 
-    def counts(run) -> bool:
+    def sweep_of(run) -> str | None:
+        """The sweep ``run`` counts for, "" outside any sweep; None when it does not count."""
         parent_id = parents[run.info.run_id]
         if parent_id is None:
-            return True
+            return ""
         if parent_id not in by_id:  # a trial whose sweep is gone: no way to tell whether it was the best
-            return False
-        if is_best_trial(run):
-            return run.info.run_id not in has_children  # several seeds: the seed runs count instead
-        return is_best_trial(by_id[parent_id])  # a seed run of the best trial
+            return None
+        if is_best_trial(run):  # several seeds: the seed runs count instead
+            return parent_id if run.info.run_id not in has_children else None
+        if is_best_trial(by_id[parent_id]):  # a seed run of the best trial
+            return parents[parent_id]
+        return None
 
     results = []
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         if (run.info.status != "FINISHED" or tags.get("role") not in ("teacher", "student")
-                or not math.isfinite(metrics.get(METRIC, math.nan)) or not counts(run)):
+                or not math.isfinite(metrics.get(METRIC, math.nan))):
+            continue
+        sweep_id = sweep_of(run)
+        if sweep_id is None:
             continue
         results.append(Result(run, tags.get("method", ""), tags.get("student", ""), tags.get("teacher", ""),
-                              tags.get("dataset", ""), run.data.params.get("seed", ""), metrics[METRIC]))
-    return results
+                              tags.get("dataset", ""), run.data.params.get("seed", ""), metrics[METRIC],
+                              sweep_id))
+    return count_once(results, by_id)
+
+
+# Params that do not change what a training computes: what trainer.config_digest leaves out.
+_STORAGE_PARAMS = ("data.root", "data.download")
+
+
+def _params_digest(params: dict[str, str], under: str = "") -> str | None:
+    """The digest of a logged config, its tracking and storage settings aside (those under ``under``:
+    a sweep logs its base config as ``base.*``); None when nothing is left."""
+
+    def storage(key: str) -> bool:
+        rest = key[len(under):] if key.startswith(under) else None
+        return rest is not None and (rest.startswith("tracking.") or rest in _STORAGE_PARAMS)
+
+    kept = {k: v for k, v in params.items() if not storage(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest() if kept else None
+
+
+def identities(result: Result, by_id: dict[str, Any]) -> set[tuple[str, ...]]:
+    """What makes two counted runs one experiment: a shared element.
+
+    ``("config", sha)``: the run's ``config_sha256`` tag (its training); without the tag,
+    ``("params", sha)``: its logged config. ``("sweep", sha, method, teacher, model, dataset, seed)``
+    for a sweep's result: its sweep's logged search and base config (tracking settings aside) and
+    the seed it trained. None of them for a run that logged neither tag nor params.
+    """
+    run = result.run
+    keys: set[tuple[str, ...]] = set()
+    digest = run.data.tags.get("config_sha256")
+    if digest:
+        keys.add(("config", digest))
+    elif (logged := _params_digest(run.data.params)) is not None:
+        keys.add(("params", logged))
+    sweep = by_id.get(result.sweep_id) if result.sweep_id else None
+    if sweep is not None and (searched := _params_digest(sweep.data.params, under="base.")) is not None:
+        keys.add(("sweep", searched, result.method, result.teacher, result.model, result.dataset, result.seed))
+    return keys
+
+
+_WHY = {"config": "same config_sha256", "params": "same logged config (no config_sha256 tag)",
+        "sweep": "same sweep run again (same search and base config), same seed"}
+
+
+def count_once(results: list[Result], by_id: dict[str, Any]) -> Selection:
+    """Keep the newest of every group of ``results`` that share an identity (``identities``).
+
+    Groups are closed under sharing: a standalone run and a sweep's best trial of its config, and
+    that sweep run again, are one experiment. The newest run counts: a rerun follows a fix more
+    often than not, and it is the one the code as it is now produced.
+    """
+    group = list(range(len(results)))  # union-find over the results
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    keys = [identities(r, by_id) for r in results]
+    first: dict[tuple[str, ...], int] = {}
+    for i, ks in enumerate(keys):
+        for k in ks:
+            if k in first:
+                group[root(i)] = root(first[k])
+            else:
+                first[k] = i
+    newest: dict[int, int] = {}
+    for i, r in enumerate(results):
+        g = root(i)
+        if g not in newest or r.started > results[newest[g]].started:
+            newest[g] = i
+    counted, reruns = [], []
+    for i, r in enumerate(results):
+        kept = newest[root(i)]
+        if kept == i:
+            counted.append(r)
+            continue
+        shared = sorted({k[0] for k in keys[i] & keys[kept]})
+        why = "; ".join(_WHY[k] for k in shared) or "the same experiment as another of its reruns"
+        reruns.append(Rerun(r, results[kept], why))
+    return Selection(counted, reruns)
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,33 +460,110 @@ def plot_curves(client, results: list[Result], title: str, path: Path) -> Path:
     return path
 
 
-def plot_sweep(client, sweep, trials: list, path: Path) -> Path | None:
-    """Score (best validation top-1) against each searched value, one panel per searched key."""
-    keys = sorted({k[len("searched."):] for t in trials for k in t.data.tags if k.startswith("searched.")})
-    scored = [t for t in trials if math.isfinite(t.data.metrics.get(SCORE, math.nan))]
-    if not keys or not scored:
+SWEEP_TITLE = "score: best validation top-1 over the epochs each trial trained"
+SWEEP_MARKERS = ("o", "s", "^", "v", "D", "P", "X")
+
+
+@dataclass
+class SweepPoint:
+    """One scored trial of a sweep, as ``plot_sweep`` draws it."""
+
+    run_id: str
+    searched: dict[str, str]  # searched key -> the trial's value, as tagged (``searched.<key>``)
+    score: float  # SCORE: the best validation top-1 over the epochs it trained
+    epochs: int | None  # epochs it trained (its ``epoch`` metric); None if it logged none
+    label: str  # its legend entry: how many epochs, and why not all of them
+    best: bool
+
+
+def epochs_label(trial, sweep) -> str:
+    """``"8 epochs (all)"``, ``"2 epochs (stopped by ASHA)"``, ...: how long a trial trained, and why.
+
+    All of them: its ``epoch`` metric reached its ``optim.epochs`` (or the sweep's
+    ``base.optim.epochs``). Fewer: the tag ``stopped_early`` (the scheduler stopped it),
+    ``stopped_reason`` (its loss diverged), else its run's status.
+    """
+    epoch = trial.data.metrics.get("epoch")
+    if epoch is None or not math.isfinite(epoch):
+        return "epochs not logged"
+    epochs = int(epoch)
+    text = f"{epochs} epoch{'s' * (epochs != 1)}"
+    planned = _as_number(trial.data.params.get("optim.epochs", sweep.data.params.get("base.optim.epochs")))
+    if "stopped_reason" in trial.data.tags:
+        return f"{text} (diverged)"
+    if planned is not None and epochs >= planned:
+        return f"{text} (all)"
+    if trial.data.tags.get("stopped_early") == "true":
+        scheduler = sweep.data.params.get("scheduler", sweep.data.params.get("search.scheduler.type"))
+        return f"{text} (stopped by ASHA)" if scheduler == "asha" else f"{text} (stopped early)"
+    if trial.info.status != "FINISHED":
+        return f"{text} ({trial.info.status.lower()})"
+    return text
+
+
+def sweep_points(sweep, trials: list) -> list[SweepPoint]:
+    """The scored trials of ``sweep``, longest-trained first."""
+    points = []
+    for t in trials:
+        score = t.data.metrics.get(SCORE, math.nan)
+        if not math.isfinite(score):
+            continue
+        epoch = t.data.metrics.get("epoch")
+        points.append(SweepPoint(
+            t.info.run_id, {k[len("searched."):]: v for k, v in t.data.tags.items() if k.startswith("searched.")},
+            score, int(epoch) if epoch is not None and math.isfinite(epoch) else None, epochs_label(t, sweep),
+            t.data.tags.get("best_trial") == "true"))
+    return sorted(points, key=lambda p: (-(p.epochs if p.epochs is not None else -1), p.label, p.run_id))
+
+
+def sweep_figure(sweep, trials: list):
+    """The figure of ``plot_sweep``, or None with nothing to draw."""
+    points = sweep_points(sweep, trials)
+    keys = sorted({k for p in points for k in p.searched})
+    if not keys or not points:
         return None
+    labels = list(dict.fromkeys(p.label for p in points))  # longest-trained first
+    styles = {label: dict(color=f"C{i % 10}", marker=SWEEP_MARKERS[i % len(SWEEP_MARKERS)])
+              for i, label in enumerate(labels)}
     fig, axes = _figure(len(keys))
     params = sweep.data.params
+    handles: dict[str, Any] = {}
     for ax, key in zip(axes, keys):
-        points = [(t.data.tags.get(f"searched.{key}"), t.data.metrics[SCORE], t.data.tags.get("best_trial") == "true")
-                  for t in scored if f"searched.{key}" in t.data.tags]
-        xs = [_as_number(x) for x, _, _ in points]
+        shown = [p for p in points if key in p.searched]
+        xs = [_as_number(p.searched[key]) for p in shown]
         if any(x is None for x in xs):  # a choice among names: one position per value
-            names = sorted({x for x, _, _ in points})
-            xs = [names.index(x) for x, _, _ in points]
+            names = sorted({p.searched[key] for p in shown})
+            xs = [names.index(p.searched[key]) for p in shown]
             ax.set_xticks(range(len(names)), names)
         elif params.get(f"search.space.{key}.type") == "loguniform" or key.endswith("beta"):
             ax.set_xscale("log")
-        ax.scatter(xs, [y for _, y, _ in points], color="C0", label="trial")
-        best = [(x, y) for x, (_, y, b) in zip(xs, points) if b]
+        for label in labels:
+            group = [(x, p.score) for x, p in zip(xs, shown) if p.label == label]
+            if group:
+                handles[label] = ax.scatter(*zip(*group), label=label, **styles[label])
+        best = [(x, p.score) for x, p in zip(xs, shown) if p.best]
         if best:
-            ax.scatter(*zip(*best), color="C3", marker="*", s=160, label="best trial")
+            handles["best trial"] = ax.scatter(*zip(*best), facecolors="none", edgecolors="C3", marker="*",
+                                               s=260, linewidths=1.2, label="best trial")
         ax.set_xlabel(key)
         ax.set_ylabel(f"{SCORE} (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"sweep {sweep.info.run_name}: {len(scored)} trials")
+    ordered = [label for label in [*labels, "best trial"] if label in handles]
+    axes[0].legend([handles[label] for label in ordered], ordered, fontsize=7)
+    fig.suptitle(f"sweep {sweep.info.run_name}: {len(points)} trials\n{SWEEP_TITLE}", fontsize=8)
+    return fig
+
+
+def plot_sweep(client, sweep, trials: list, path: Path) -> Path | None:
+    """Score (best validation top-1) against each searched value, one panel per searched key.
+
+    Each point is a trial, its colour and marker saying how many epochs it trained (``epochs_label``:
+    a trial ASHA stopped early scored over fewer epochs than one that trained them all); a star
+    rings the best trial.
+    """
+    fig = sweep_figure(sweep, trials)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=DPI)
     return path
 
@@ -400,6 +605,7 @@ class Report:
     results: list[Result]
     files: list[Path]
     logged_to: str | None = None
+    reruns: list[Rerun] = field(default_factory=list)  # runs left out as reruns of a counted one
 
 
 def _slug(text: str) -> str:
@@ -410,7 +616,8 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
     """Write the report of ``experiment_name`` into ``out``; ``store`` names the tracking store in the text."""
     experiment = find_experiment(client, experiment_name)
     runs = all_runs(client, experiment.experiment_id)
-    results = select_results(runs)
+    selection = select(runs)
+    results = selection.results
     if not results:
         raise UserError(
             f"experiment {experiment_name!r} has no finished training run with {METRIC!r} "
@@ -459,17 +666,21 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
     files.append(_write_csv(out / "ari.csv", [{**a, "ari_percent": _num(a["ari_percent"]),
                                                 "paper_ari_percent": _num(a["paper_ari_percent"])} for a in ari],
                             ARI_COLUMNS))
-    files.append(_write_csv(out / "runs.csv", [_run_line(r) for r in results], RUN_COLUMNS))
-    markdown = _markdown(experiment_name, store, table, ari, results, figures)
+    dropped: dict[str, list[str]] = defaultdict(list)
+    for rerun in selection.reruns:
+        dropped[rerun.kept.run_id].append(rerun.dropped.run_id)
+    files.append(_write_csv(out / "runs.csv", [_run_line(r, dropped[r.run_id]) for r in results], RUN_COLUMNS))
+    markdown = _markdown(experiment_name, store, table, ari, results, figures, selection.reruns)
     (out / "report.md").write_text(markdown)
     files.append(out / "report.md")
-    return Report(experiment.experiment_id, out, table, ari, results, files)
+    return Report(experiment.experiment_id, out, table, ari, results, files, reruns=selection.reruns)
 
 
 TABLE_COLUMNS = ["dataset", "pair", "teacher", "student", "row", "n", "mean", "std", "paper_mean", "paper_std",
                  "run_ids"]
 ARI_COLUMNS = ["method", "ari_percent", "pairs", "paper_ari_percent"]
-RUN_COLUMNS = ["run_id", "run_name", "method", "teacher", "model", "dataset", "seed", METRIC, "parent_run_id"]
+RUN_COLUMNS = ["run_id", "run_name", "method", "teacher", "model", "dataset", "seed", METRIC, "parent_run_id",
+               "config_sha256", "duplicates"]  # duplicates: the reruns left out for this run, space-separated
 
 
 def _table_lines(table: Table) -> list[dict[str, Any]]:
@@ -487,10 +698,44 @@ def _table_lines(table: Table) -> list[dict[str, Any]]:
     return lines
 
 
-def _run_line(r: Result) -> dict[str, Any]:
+def _run_line(r: Result, duplicates: list[str]) -> dict[str, Any]:
     return {"run_id": r.run_id, "run_name": r.run.info.run_name, "method": r.method, "teacher": r.teacher,
             "model": r.model, "dataset": r.dataset, "seed": r.seed, METRIC: r.value,
-            "parent_run_id": r.run.data.tags.get(tracking.PARENT_RUN_TAG, "")}
+            "parent_run_id": r.run.data.tags.get(tracking.PARENT_RUN_TAG, ""),
+            "config_sha256": r.run.data.tags.get("config_sha256", ""), "duplicates": " ".join(duplicates)}
+
+
+def _started_text(r: Result) -> str:
+    start = r.run.info.start_time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else "?"
+
+
+def _row_of(r: Result) -> str:
+    if r.method == BASELINE_METHOD:
+        return f"{r.model} (vanilla)"
+    return f"{ROW_TITLES.get(r.method, r.method)}, {r.teacher}->{r.model}"
+
+
+def reruns_markdown(reruns: list[Rerun]) -> list[str]:
+    """The section of report.md that lists the runs left out as reruns, with the run counted instead."""
+    if not reruns:
+        return []
+    lines = [
+        "## Reruns counted once",
+        "",
+        "These finished runs repeat the experiment of a newer run (the same `config_sha256`: the same "
+        "training, seed included; or the same sweep run again) and do not count: a rerun is not "
+        "another seed. The newest run counts.",
+        "",
+        "| left out | started | counted instead | started | row, pair (dataset) | seed | why |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in sorted(reruns, key=lambda x: (x.kept.started, x.dropped.started)):
+        d, k = x.dropped, x.kept
+        lines.append(f"| `{d.run_id}` ({d.run.info.run_name}) | {_started_text(d)} | `{k.run_id}` "
+                     f"({k.run.info.run_name}) | {_started_text(k)} | {_row_of(k)} ({k.dataset}) | "
+                     f"{k.seed or '?'} | {x.why} |")
+    return [*lines, ""]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Path:
@@ -502,16 +747,20 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Pa
 
 
 def _markdown(experiment: str, store: str, table: Table, ari: list[dict[str, Any]], results: list[Result],
-              figures: list[tuple[str, Path]]) -> str:
+              figures: list[tuple[str, Path]], reruns: list[Rerun] = ()) -> str:
+    left_out = (f"; {len(reruns)} rerun(s) of these left out (listed under *Reruns counted once*)"
+                if reruns else "")
     parts = [
         f"# Results of experiment `{experiment}`",
         "",
-        f"From {len(results)} finished run(s) in MLflow ({store}), {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"From {len(results)} finished run(s) in MLflow ({store}), {time.strftime('%Y-%m-%d %H:%M')}{left_out}.",
         "",
         f"Cells: test top-1 (%) at the epoch of best validation top-1 (`{METRIC}`), mean ± sample standard "
         "deviation over seeds, with the number of runs; *paper*: the SemCKD README (CIFAR-100) where the "
         "pair and method appear there. Teacher and student rows: `vanilla` runs of those models. A sweep "
-        "counts with its best trial only (chosen on validation); runs outside sweeps count as they are.",
+        "counts with its best trial only (chosen on validation); runs outside sweeps count as they are. "
+        "A rerun counts once: runs of the same training (`config_sha256`, seed included), or of the same "
+        "sweep run again, are one result, the newest run's.",
         "",
         markdown_table(table, ari),
         "",
@@ -519,6 +768,7 @@ def _markdown(experiment: str, store: str, table: Table, ari: list[dict[str, Any
         "the mean over pairs of (acc_SemCKD − acc_method) / (acc_method − acc_student). It is unstable "
         "where a method barely beats the student.",
         "",
+        *reruns_markdown(list(reruns)),
     ]
     for caption, path in figures:
         parts += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
@@ -564,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     report = make_report(client, args.experiment, out, store=tracking.redact(uri))
     report.logged_to = log_report(client, report)
     print(markdown_table(report.table, report.ari))
-    print(f"\nreport written to {out}/report.md ({len(report.files)} files, {len(report.results)} runs); "
+    left_out = f", {len(report.reruns)} rerun(s) left out" if report.reruns else ""
+    print(f"\nreport written to {out}/report.md ({len(report.files)} files, {len(report.results)} runs{left_out}); "
           f"logged to MLflow run {report.logged_to} under report/")
     return 0
 

@@ -208,20 +208,50 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless the experiment says it trains models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# An experiment tag that holds a runs-page view (filter, sort, columns); the UI opens it from
+# ``?viewStateShareKey=<key>``, as its own "Share" button does.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
 def get_or_create_experiment(mlflow_client, name: str) -> str:
+    """The experiment's id, created as a model-training experiment if it does not exist; an experiment
+    of ours that predates the kind tag gets it, and a kind someone chose is left as it is."""
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            mlflow_client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    try:
-        return mlflow_client.create_experiment(name)
-    except Exception:
-        # Another trial created it meanwhile.
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except Exception:
+            # Another trial created it meanwhile.
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        mlflow_client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def share_runs_view(mlflow_client, experiment_id: str, key: str, *, search_filter: str, order_by: str,
+                    columns: list[str]) -> None:
+    """Store a runs-page view under ``key`` (see ``runs_view_url``): the runs that ``search_filter``
+    finds, sorted by ``order_by`` (a metric, highest first), with ``columns`` shown (``params.`k` ``,
+    ``metrics.`k` ``, ``tags.`k` ``) and every run drawn in the charts, not the first ten."""
+    import json
+
+    view = {"searchFilter": search_filter, "orderByKey": order_by, "orderByAsc": False,
+            "selectedColumns": columns, "runsHiddenMode": "SHOW_ALL"}
+    mlflow_client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(view))
+
+
+def runs_view_url(uri: str, experiment_id: str, key: str) -> str:
+    """The MLflow UI's address of a view stored by ``share_runs_view``: the tracking server's own
+    for an HTTP URI, else the ``mlflow ui`` that ``browse_hint`` starts."""
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
 
 
 def git_commit() -> str:

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import tempfile
 import time
@@ -123,10 +124,10 @@ def parse_search(raw: dict[str, Any], config_dir: Path) -> tuple[SearchConfig, T
         search = SearchConfig.model_validate(raw.get("search") or {})
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, model=SearchConfig, prefix="search")) from None
+    base = parse_train_config(raw, config_dir=config_dir)  # a typo in the training config comes first
     if not search.space:
         raise UserError("search.space is empty: name at least one dotted config key to search, "
                         "e.g. method.beta: {type: loguniform, low: 10, high: 1000}")
-    base = parse_train_config(raw, config_dir=config_dir)
     for key, spec in search.space.items():
         try:
             get_dotted(base.model_dump(), key)
@@ -185,7 +186,7 @@ def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, p
         set_dotted(trial_raw, key, value)
     cfg = parse_train_config(trial_raw, config_dir=config_dir)
     trial_id = tune.get_context().get_trial_id()
-    run_id = _trial_run(cfg, parent_run_id, trial_id, sampled)
+    run_id = _trial_run(cfg, parent_run_id, trial_id, sampled, sweep_name)
     run = tracking.client(cfg.tracking.uri).get_run(run_id)
     if run.info.status == "FINISHED":
         # Finished before the sweep's driver died, but Tune's saved state did not know yet:
@@ -221,7 +222,7 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
     for k in range(repeats):
         seed_cfg = cfg.model_copy(deep=True)
         seed_cfg.seed = cfg.seed + k  # data.split_seed stays: every seed is scored on the same split
-        seeds.append((seed_cfg, _trial_run(seed_cfg, run_id, f"{trial_id}-seed{k}", sampled)))
+        seeds.append((seed_cfg, _trial_run(seed_cfg, run_id, f"{trial_id}-seed{k}", sampled, sweep_name, seed=k)))
     client = tracking.client(cfg.tracking.uri)
     finished = {k for k, (_, seed_run) in enumerate(seeds) if client.get_run(seed_run).info.status == "FINISHED"}
     # A resumed sweep: what each seed logged before the driver died stands in for the epochs that
@@ -315,8 +316,10 @@ def _history(uri: str, run_id: str) -> dict[int, dict[str, float]]:
     return out
 
 
-def _trial_run(cfg: TrainConfig, parent_run_id: str, trial_id: str, sampled: dict[str, Any]) -> str:
-    """The trial's MLflow run: found again by its trial id when a resumed sweep re-runs the trial."""
+def _trial_run(cfg: TrainConfig, parent_run_id: str, trial_id: str, sampled: dict[str, Any], sweep_name: str,
+               seed: int | None = None) -> str:
+    """The trial's MLflow run (or, with ``seed``, that seed's run under the trial's): found again by its
+    trial id when a resumed sweep re-runs the trial."""
     from semckd_ray.trainer import start_run
 
     client = tracking.client(cfg.tracking.uri)
@@ -331,10 +334,46 @@ def _trial_run(cfg: TrainConfig, parent_run_id: str, trial_id: str, sampled: dic
         if existing[0].info.status != "FINISHED":
             client.update_run(run_id, status="RUNNING")
         return run_id
-    tags = {"tune_trial_id": trial_id, **{f"searched.{k}": str(v) for k, v in sampled.items()}}
+    tags = {"tune_trial_id": trial_id, "sweep_name": sweep_name,
+            **{f"searched.{k}": str(v) for k, v in sampled.items()}}
     cfg = cfg.model_copy(deep=True)
-    cfg.tracking.run_name = f"{cfg.name}-{trial_id}"
+    if seed is None:
+        # Numbered in the order the trials started; summarize() settles a tie between two that
+        # started at once.
+        number = 1 + len(client.search_runs([parent.info.experiment_id], max_results=10000,
+                                            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"))
+        cfg.tracking.run_name = trial_run_name(sweep_name, number, sampled)
+    else:
+        cfg.tracking.run_name = f"{parent.info.run_name} seed {seed}"
     return start_run(cfg, parent_run_id=parent_run_id, tags=tags)
+
+
+def _sweep_clock(sweep_name: str) -> tuple[str, str, str]:
+    """``(config name, "HH:MM:SS", "YYYY-MM-DD")`` of a sweep named ``NAME-YYYYMMDD-HHMMSS`` (the
+    whole name and no time for any other name)."""
+    match = re.fullmatch(r"(.+)-(\d{4})(\d\d)(\d\d)-(\d\d)(\d\d)(\d\d)", sweep_name)
+    if match is None:
+        return sweep_name, "", ""
+    name, year, month, day, hour, minute, second = match.groups()
+    return name, f"{hour}:{minute}:{second}", f"{year}-{month}-{day}"
+
+
+def sweep_run_name(sweep_name: str) -> str:
+    """The parent run's name: what tells two sweeps of one config apart comes first, where the UI's
+    name column still shows it (``default 17:12:05 2026-12-02``)."""
+    name, clock, day = _sweep_clock(sweep_name)
+    return f"{name} {clock} {day}".rstrip()
+
+
+def trial_run_name(sweep_name: str, number: int, sampled: dict[str, Any]) -> str:
+    """``default 17:12 #03 beta=34.3 factor=8 soft=1.18``: the sweep, the trial's number, its values."""
+    name, clock, _ = _sweep_clock(sweep_name)
+    values = " ".join(f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in sorted(sampled.items()))
+    return " ".join(part for part in (name, clock[:5], f"#{number:02d}", values) if part)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,7 +381,11 @@ def _trial_run(cfg: TrainConfig, parent_run_id: str, trial_id: str, sampled: dic
 
 
 def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> dict[str, Any]:
+    # First of all, before Ray, MLflow or torch is imported: the config and the search space.
+    search, base = parse_search(raw, config_dir)
+
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -353,9 +396,8 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     from semckd_ray.scheduling import ClusterLimiter
     from semckd_ray.trainer import check_resources, cluster_capacity, ensure_ray, preflight
 
-    search, base = parse_search(raw, config_dir)
     base.tracking.uri = tracking.resolve_tracking_uri(base.tracking.uri)
-    # First of all, before Ray or a teacher's training starts: a wrong --resume PATH is refused.
+    # Next, before Ray or a teacher's training starts: a wrong --resume PATH is refused.
     found = _find_sweep(storage_path(base, [], check=False), base.name, resume) if resume else None
     tracking.check_reachable(base.tracking.uri)
     base = preflight(ensure_teacher(base))
@@ -416,12 +458,16 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
             ),
             # A trial whose process died (its node lost) runs again: it finds its MLflow run by its
             # trial id, and its Ray Train run, of the same name, continues from its last checkpoint.
+            # Every trial's results go to MLflow; Tune keeps its CSV and JSON per trial, and no TensorBoard
+            # files (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, below) that nobody is told to read.
             run_config=tune.RunConfig(name=sweep_name, storage_path=root, verbose=1,
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
                                       failure_config=tune.FailureConfig(max_failures=base.scaling.max_failures)),
         )
         # What --resume finds, beside Tune's own state, through the storage path's filesystem.
         _write_sweep(sweep_dir, json.dumps(
                 {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": tracking.redact(base.tracking.uri)}))
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read by tuner.fit(), in this process
     print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, up to {capacity()} at a time on the "
           f"cluster as it is now; MLflow parent run {parent_run_id}", flush=True)
     try:
@@ -453,7 +499,7 @@ def _send_spools(client, root: str, parent_run_id: str) -> None:
 def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw: dict[str, Any]) -> str:
     client = tracking.client(base.tracking.uri)
     experiment_id = tracking.get_or_create_experiment(client, base.tracking.experiment)
-    run = client.create_run(experiment_id, run_name=sweep_name, tags={
+    run = client.create_run(experiment_id, run_name=sweep_run_name(sweep_name), tags={
         "role": "sweep", "sweep_name": sweep_name, "git_commit": tracking.git_commit(),
         "dataset": base.data.dataset, "method": base.method.name,
         "student": base.student.model, "teacher": base.teacher.model if base.teacher else "",
@@ -468,6 +514,14 @@ def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw:
         path = Path(tmp) / "experiment.yaml"
         path.write_text(yaml.safe_dump(tracking.redact(raw), sort_keys=False))
         client.log_artifact(run.info.run_id, str(path))
+    # The sweep's trials, best first, with the searched values and the scores as columns.
+    tracking.share_runs_view(
+        client, experiment_id, run.info.run_id,
+        search_filter=f"tags.sweep_name = '{sweep_name}' and tags.role != 'sweep'",
+        order_by=f"metrics.`{METRIC}`",
+        columns=[*(f"params.`{key}`" for key in search.space), f"metrics.`{METRIC}`", "metrics.`test_top1_at_best_val`",
+                 "metrics.`epoch`", "tags.`stopped_early`", "tags.`best_trial`"],
+    )
     return run.info.run_id
 
 
@@ -542,23 +596,32 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
     )
     errored = {r.metrics.get("trial_id") for r in results if r.error} if results is not None else set()
     rows = []
-    for run in children:
+    for number, run in enumerate(sorted(children, key=lambda r: (r.info.start_time, r.info.run_id)), start=1):
         metrics = run.data.metrics
         epochs = int(metrics.get("epoch", 0))
         status = run.info.status
         tune_errored = run.data.tags.get("tune_trial_id") in errored
         diverged = "stopped_reason" in run.data.tags
+        stopped = run.data.tags.get("stopped_early") == "true"
         if status == "RUNNING" or (status == "FAILED" and not tune_errored and not diverged):
             # Tune ended the trial's process before or while fit() closed the run: ASHA stopped
-            # it early, or at max_t, the last epoch. Such a run neither failed nor keeps running.
+            # it early, or at max_t, the last epoch. Such a run neither failed nor keeps running:
+            # a trial that ASHA stopped has ended as the search meant it to, and is FINISHED with
+            # the tag stopped_early (MLflow's KILLED would show it as a failure, with a red cross).
             if tune_errored:
                 status = "FAILED"
-            elif epochs >= base.optim.epochs:
-                status = "FINISHED"
             else:
-                status = "KILLED"
-                client.set_tag(run.info.run_id, "stopped_early", "true")
+                status = "FINISHED"
+                if epochs < base.optim.epochs:
+                    stopped = True
+                    client.set_tag(run.info.run_id, "stopped_early", "true")
             close_run(client, run.info.run_id, status)  # drops fit()'s reason for Tune's teardown
+        if search is not None and "sweep_name" in run.data.tags:
+            # The trials' numbers, in the order they started: two that started at once may have
+            # counted the same runs before them.
+            name = trial_run_name(run.data.tags["sweep_name"], number, _searched(run.data.tags))
+            if name != run.info.run_name:
+                client.update_run(run.info.run_id, name=name)
         if search is None or search.repeats > 1:
             _close_seed_runs(client, parent.info.experiment_id, run.info.run_id, base.optim.epochs, status)
         rows.append({
@@ -568,7 +631,7 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             "best_val_top1": metrics.get("best_val_top1", math.nan),
             "test_top1_at_best_val": metrics.get("test_top1_at_best_val", math.nan),
             "epochs": epochs,
-            "status": "STOPPED_EARLY" if status == "KILLED" and epochs < base.optim.epochs else status,
+            "status": "STOPPED_EARLY" if stopped and status == "FINISHED" else status,
         })
     rows.sort(key=lambda r: -r["best_val_top1"] if math.isfinite(r["best_val_top1"]) else math.inf)
     best = rows[0] if rows and math.isfinite(rows[0]["best_val_top1"]) else None
@@ -586,12 +649,14 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.csv"))
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.json"))
     return {"parent_run_id": parent_run_id, "best": best, "trials": rows,
-            "tracking_uri": base.tracking.uri, "experiment": base.tracking.experiment}
+            "tracking_uri": base.tracking.uri, "experiment": base.tracking.experiment,
+            "experiment_id": parent.info.experiment_id}
 
 
 def _close_seed_runs(client, experiment_id: str, trial_run_id: str, epochs: int, trial_status: str) -> None:
     """A trial's seeds that Tune's end of the trial left open, or marked failed as it tore them down:
-    finished if they trained every epoch, else stopped with their trial (unless the trial failed)."""
+    finished if they trained every epoch, else stopped early with their trial (FINISHED, tagged
+    stopped_early), or KILLED with a trial that failed."""
     from semckd_ray.trainer import close_run
 
     seeds = client.search_runs([experiment_id], max_results=1000,
@@ -607,7 +672,20 @@ def _close_seed_runs(client, experiment_id: str, trial_run_id: str, epochs: int,
             close_run(client, run.info.run_id, "KILLED")
         else:
             client.set_tag(run.info.run_id, "stopped_early", "true")
-            close_run(client, run.info.run_id, "KILLED")
+            close_run(client, run.info.run_id, "FINISHED")
+
+
+def _searched(tags: dict[str, str]) -> dict[str, Any]:
+    """A trial's sampled values from its ``searched.*`` tags (numbers as numbers)."""
+    out: dict[str, Any] = {}
+    for key, text in tags.items():
+        if key.startswith("searched."):
+            try:
+                number = float(text)
+                out[key[len("searched."):]] = int(number) if number.is_integer() and "." not in text else number
+            except ValueError:
+                out[key[len("searched."):]] = text
+    return out
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -631,6 +709,9 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"  {key[len('searched.'):]} = {best.get(key)}")
     print(f"\nsweep parent run: {summary['parent_run_id']} in experiment {summary['experiment']!r}")
     print(f"browse it: {tracking.browse_hint(summary['tracking_uri'])}")
+    if summary.get("experiment_id"):
+        print("its trials, best first, searched values and scores as columns: "
+              + tracking.runs_view_url(summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"]))
 
 
 def _fmt(value: Any) -> str:

@@ -1,32 +1,31 @@
-"""Datasets held in memory as uint8 tensors, and the batched, on-device input pipeline that feeds them."""
+"""Datasets held in memory as uint8 tensors, and the batched, on-device input pipeline that feeds them.
 
-from semckd_ray.data.datasets import (
-    DatasetSplits,
-    Split,
-    check_dataset,
-    check_val_size,
-    list_datasets,
-    load_dataset,
-    needs_files,
-    num_classes,
-    prepare_dataset,
-)
-from semckd_ray.data.pipeline import Batch, BatchLoader, eval_loader, random_crop_flip, sample_crop_flip, train_loader
+The names below are imported from their modules when first used: importing this package, or its
+torch-free ``catalog`` (what the config is validated against), does not import torch.
+"""
 
-__all__ = [
-    "Batch",
-    "BatchLoader",
-    "DatasetSplits",
-    "Split",
-    "check_dataset",
-    "check_val_size",
-    "eval_loader",
-    "list_datasets",
-    "load_dataset",
-    "needs_files",
-    "num_classes",
-    "prepare_dataset",
-    "random_crop_flip",
-    "sample_crop_flip",
-    "train_loader",
-]
+import importlib
+
+# Each exported name and the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(["DatasetInfo", "check_val_size", "dataset_info", "list_datasets", "needs_files",
+                     "num_classes", "train_images"], "catalog"),
+    **dict.fromkeys(["DatasetSplits", "Split", "check_dataset", "load_dataset", "prepare_dataset"], "datasets"),
+    **dict.fromkeys(["Batch", "BatchLoader", "eval_loader", "random_crop_flip", "sample_crop_flip", "train_loader"],
+                    "pipeline"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

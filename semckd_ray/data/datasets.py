@@ -24,6 +24,15 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
+from semckd_ray.data.catalog import (
+    DATASETS,
+    DatasetInfo,
+    check_val_size,
+    dataset_info,
+    list_datasets,
+    needs_files,
+    num_classes,
+)
 from semckd_ray.errors import UserError
 
 __all__ = ["Split", "DatasetSplits", "load_dataset", "list_datasets", "num_classes", "needs_files", "check_dataset",
@@ -84,7 +93,8 @@ class _Loaded(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# CIFAR: torchvision's classes define the folder layout, file names, checksums and download URL.
+# CIFAR: torchvision's classes define the folder layout, file names, checksums and download URL;
+# the catalog (``semckd_ray.data.catalog``) its name, title, number of classes and split sizes.
 # Loading reads the pickles directly: torchvision's own loader rejects any file whose MD5 differs
 # from the official one with "not found or corrupted", which cannot tell the user which file is
 # wrong, and forbids the small CIFAR-format files the tests write.
@@ -92,12 +102,19 @@ class _Loaded(NamedTuple):
 
 @dataclass(frozen=True)
 class _CifarFormat:
-    title: str
+    info: DatasetInfo
     torchvision_class: type[CIFAR10]
     label_key: str
-    num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def title(self) -> str:
+        return self.info.title
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
 
     @property
     def folder(self) -> str:
@@ -112,10 +129,12 @@ class _CifarFormat:
         return self.torchvision_class.meta
 
 
-_CIFAR100 = _CifarFormat(
-    "CIFAR-100", CIFAR100, "fine_labels", 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
-)
-_CIFAR10 = _CifarFormat("CIFAR-10", CIFAR10, "labels", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+# The catalog's datasets that are read from CIFAR files (``DatasetInfo.cifar_files``), by name.
+_CIFAR: dict[str, _CifarFormat] = {
+    "cifar100": _CifarFormat(DATASETS["cifar100"], CIFAR100, "fine_labels",
+                             (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": _CifarFormat(DATASETS["cifar10"], CIFAR10, "labels", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
 
 
 def _all_files(fmt: _CifarFormat) -> list[tuple[str, str]]:
@@ -310,71 +329,33 @@ def _load_digits(root: Path, download: bool) -> _Loaded:
     return _Loaded(train, test, tuple(str(c) for c in bunch.target_names), mean, std)
 
 
+# The catalog's datasets that a library provides (not ``DatasetInfo.cifar_files``), by name.
+_BUNDLED: dict[str, Callable[[Path, bool], _Loaded]] = {"digits": _load_digits}  # (root, download)
+
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _DatasetEntry:
-    load: Callable[[Path, bool], _Loaded]  # (root, download)
-    default_val_size: Callable[[int], int]  # number of training images -> size of the val split
-    num_classes: int
-    train_size: int  # images in the official training split (before the val split is held out)
-    cifar: _CifarFormat | None = None  # the files under data.root; None: bundled with a library
+def _cifar_format(name: str) -> _CifarFormat | None:
+    """The files of dataset ``name`` under ``data.root``; None for a dataset that a library provides."""
+    return _CIFAR[name] if dataset_info(name).cifar_files else None
 
 
-_DATASETS: dict[str, _DatasetEntry] = {
-    "cifar100": _DatasetEntry(lambda root, dl: _load_cifar(_CIFAR100, root, dl), lambda n: 5000, 100, 50000, _CIFAR100),
-    "cifar10": _DatasetEntry(lambda root, dl: _load_cifar(_CIFAR10, root, dl), lambda n: 5000, 10, 50000, _CIFAR10),
-    "digits": _DatasetEntry(_load_digits, lambda n: round(0.1 * n), 10, 1437),
-}
-
-
-def list_datasets() -> list[str]:
-    """Names ``load_dataset`` accepts."""
-    return sorted(_DATASETS)
-
-
-def _entry(name: str) -> _DatasetEntry:
-    entry = _DATASETS.get(name)
-    if entry is None:
-        raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}")
-    return entry
-
-
-def num_classes(name: str) -> int:
-    """The number of classes of dataset ``name``, without reading any file."""
-    return _entry(name).num_classes
-
-
-def check_val_size(name: str, val_size: int | None) -> None:
-    """Refuse a ``data.val_size`` that leaves no training image in the official split, without reading it
-    (loading checks it again against the files at hand)."""
-    _check_val_size(name, val_size, _entry(name).train_size)
-
-
-def _check_val_size(name: str, val_size: int | None, train_size: int) -> None:
-    if val_size is None:
-        return
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train_size:
-        raise UserError(f"data.val_size must be an integer in [0, {train_size}) for {name}, got {val_size!r}")
-
-
-def needs_files(name: str) -> bool:
-    """Whether dataset ``name`` is read from ``data.root`` (digits comes with scikit-learn)."""
-    return _entry(name).cifar is not None
+def _load(name: str, root: Path, download: bool) -> _Loaded:
+    fmt = _cifar_format(name)
+    return _BUNDLED[name](root, download) if fmt is None else _load_cifar(fmt, root, download)
 
 
 def check_dataset(name: str, root: str | os.PathLike[str], download: bool = False) -> None:
     """Raise the ``UserError`` loading would raise for files that are missing or cut short, without
     reading the images; with ``download``, missing files only need ``root`` to be writable."""
-    fmt = _entry(name).cifar
+    fmt = _cifar_format(name)
     if fmt is not None:
         _check_cifar_files(fmt, Path(root).expanduser(), download)
 
 
 def prepare_dataset(name: str, root: str | os.PathLike[str], download: bool = False) -> None:
     """Make sure the dataset's files are under ``root``, downloading them if ``download``; loads nothing."""
-    fmt = _entry(name).cifar
+    fmt = _cifar_format(name)
     if fmt is not None:
         _ensure_cifar_files(fmt, Path(root).expanduser(), download)
 
@@ -400,12 +381,12 @@ def load_dataset(
     read from ``root`` in the layout of the official python archive, and downloaded there by
     torchvision when absent and ``download`` is true. ``digits`` ignores ``root``.
     """
-    entry = _entry(name)
-    loaded = entry.load(Path(root).expanduser(), download)
+    info = dataset_info(name)
+    loaded = _load(name, Path(root).expanduser(), download)
     train = loaded.train
     if val_size is None:
-        val_size = entry.default_val_size(len(train))
-    _check_val_size(name, val_size, len(train))
+        val_size = info.default_val_size(len(train))
+    check_val_size(name, val_size, len(train))
     train, val = _hold_out(train, val_size, seed)
     log.info("%s: %d train / %d val / %d test images", name, len(train), len(val), len(loaded.test))
     num_classes = len(loaded.class_names)

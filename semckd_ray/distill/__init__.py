@@ -1,40 +1,32 @@
-"""Distillation methods: one registry, one file per method.
+"""Distillation methods: one registry, one spec and one module per method.
 
-Every module in this package that defines a ``DistillMethod`` subclass decorated with
-``@register_method`` is imported here, so adding a method touches only its own file.
+Each method has its torch-free spec in ``catalog`` (name, teacher, default beta, options: what the
+config is validated against) and its ``DistillMethod`` subclass, decorated with
+``@register_method``, in a module of this package. ``get_method_class`` (and so ``create_method``)
+imports every such module on first use. The names below are imported from their modules when first
+used: importing this package, or ``catalog``, does not import torch.
 """
 
 import importlib
-import pkgutil
 
-from semckd_ray.distill.base import (
-    DistillContext,
-    DistillMethod,
-    Distiller,
-    ModelOutput,
-    create_method,
-    get_method_class,
-    kd_loss,
-    list_methods,
-    make_options,
-    register_method,
-)
+# Each exported name and the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(["list_methods", "make_options", "method_spec", "MethodSpec"], "catalog"),
+    **dict.fromkeys(["DistillContext", "DistillMethod", "Distiller", "ModelOutput", "create_method",
+                     "get_method_class", "kd_loss", "register_method"], "base"),
+}
 
-_NOT_METHODS = {"base", "official"}
+__all__ = sorted(_EXPORTS)
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in _NOT_METHODS and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = [
-    "DistillContext",
-    "DistillMethod",
-    "Distiller",
-    "ModelOutput",
-    "create_method",
-    "get_method_class",
-    "kd_loss",
-    "list_methods",
-    "make_options",
-    "register_method",
-]
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -12,12 +12,11 @@ smaller; this lets any teacher/student pair be distilled and is what the golden 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from semckd_ray.distill.base import DistillContext, DistillMethod, register_method
+from semckd_ray.distill.catalog import ATSpec
 from semckd_ray.errors import UserError
 
 __all__ = ["AT", "attention_map", "at_loss", "intermediate_maps", "pool_to_smaller"]
@@ -63,19 +62,10 @@ def at_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0) -> Tensor:
 
 
 @register_method
-class AT(DistillMethod):
-    name = "at"
-    default_beta = 1000.0  # scripts/run_cifar_distill.sh: --distill attention -b 1000
+class AT(ATSpec, DistillMethod):
+    # name, default_beta, Options: ATSpec (semckd_ray.distill.catalog)
 
-    @dataclass(frozen=True)
-    class Options:
-        p: float = 2.0  # exponent of the attention map; the official code fixes p = 2
-
-        def __post_init__(self):
-            if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p > 0:
-                raise UserError(f"at option p must be a number > 0, got {self.p!r}")
-
-    def __init__(self, ctx: DistillContext, options: Options | None = None):
+    def __init__(self, ctx: DistillContext, options: ATSpec.Options | None = None):
         super().__init__(ctx, options)
         intermediate_maps(ctx.student_shapes, "student", self.name)
         intermediate_maps(ctx.teacher_shapes, "teacher", self.name)

@@ -3,19 +3,22 @@
 A method is an ``nn.Module`` that owns its trainable parts (projections, embeddings, memories) and
 turns the student's and teacher's outputs into named, unweighted loss terms. The training loop never
 looks inside a method: it builds it from the registry, hands the optimizer ``Distiller.parameters()``
-and logs every term by name.
+and logs every term by name. What the config knows of a method (name, teacher, ``default_beta``,
+``Options``, ``check_batch_size``) is its spec in the torch-free ``semckd_ray.distill.catalog``,
+which the method's class derives from.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semckd_ray.errors import UserError
+from semckd_ray.distill.catalog import METHODS, MethodSpec, list_methods, make_options, method_spec
 
 __all__ = [
     "DistillContext",
@@ -26,6 +29,7 @@ __all__ = [
     "create_method",
     "list_methods",
     "get_method_class",
+    "make_options",
     "kd_loss",
 ]
 
@@ -49,17 +53,16 @@ class DistillContext:
     train_labels: Tensor | None = None  # labels of the training set by index (CRD's negative sampling)
 
 
-class DistillMethod(nn.Module):
+class DistillMethod(MethodSpec, nn.Module):
     """Base class of a distillation method.
 
-    Subclasses set ``name`` and ``default_beta``, may declare an ``Options`` dataclass whose fields
-    are the method's configuration, and implement ``forward``, which returns the method's loss terms
-    (unweighted, by name; ``beta`` multiplies their sum).
+    A registered method derives from its spec in ``semckd_ray.distill.catalog`` first, which sets
+    ``name``, ``default_beta``, ``uses_teacher``, the ``Options`` dataclass whose fields are the
+    method's configuration and ``check_batch_size``: ``class SemCKD(SemCKDSpec, DistillMethod)``.
+    It implements ``forward``, which returns the method's loss terms (unweighted, by name; ``beta``
+    multiplies their sum).
     """
 
-    name: ClassVar[str]
-    default_beta: ClassVar[float] = 0.0
-    uses_teacher: ClassVar[bool] = True
     # True when a batch of another size than ``ctx.batch_size`` cannot be processed (SemCKD).
     requires_fixed_batch: ClassVar[bool] = False
     # True when forward needs the dataset indices of the batch (CRD).
@@ -71,18 +74,10 @@ class DistillMethod(nn.Module):
     # None when it can; the trainer then runs its steps eagerly and logs this reason once.
     graph_unsafe_reason: ClassVar[str | None] = None
 
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
     def __init__(self, ctx: DistillContext, options: Any = None):
         super().__init__()
         self.ctx = ctx
         self.options = options if options is not None else self.Options()
-
-    @classmethod
-    def check_batch_size(cls, options: Any, batch_size: int) -> None:
-        """Raise a ``UserError`` if the options cannot work at this per-worker batch size."""
 
     def forward(
         self,
@@ -99,41 +94,48 @@ class DistillMethod(nn.Module):
 
 
 _METHODS: dict[str, type[DistillMethod]] = {}
+# Modules of this package that define no method; every other one (but ``_*``) is imported on the
+# first ``get_method_class``, which registers its methods.
+NOT_METHOD_MODULES = frozenset({"base", "catalog", "official"})
 
 
 def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
-    """Class decorator: adds a method to the registry under ``cls.name``."""
+    """Class decorator: adds a method to the registry under ``cls.name``, its spec's name in the catalog."""
+    spec = METHODS.get(cls.name)
+    if spec is None or not issubclass(cls, spec):
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if spec is not None:
+            raise RuntimeError(f"distillation method {cls.name!r} ({where}) does not derive from its spec: "
+                               f"class {cls.__name__}({spec.__name__}, DistillMethod)")
+        raise RuntimeError(
+            f"distillation method {cls.name!r} ({where}) has no spec in semckd_ray.distill.catalog: declare its "
+            "name, default_beta, uses_teacher and Options there in a MethodSpec subclass, list it in METHODS, "
+            "and derive the method from it, as class SemCKD(SemCKDSpec, DistillMethod)"
+        )
     if cls.name in _METHODS:
         raise RuntimeError(f"distillation method {cls.name!r} registered twice")
     _METHODS[cls.name] = cls
     return cls
 
 
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
+def import_method_modules() -> None:
+    """Import every method module of this package, which registers its methods (once; cheap after)."""
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name not in NOT_METHOD_MODULES and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
 
 
 def get_method_class(name: str) -> type[DistillMethod]:
+    """The ``nn.Module`` class of method ``name`` (a ``UserError`` naming the methods if there is none)."""
+    method_spec(name)  # an unknown name: the UserError that lists the methods
+    if name not in _METHODS:
+        import_method_modules()
     try:
         return _METHODS[name]
     except KeyError:
-        raise UserError(
-            f"unknown distillation method {name!r}; valid methods: {', '.join(list_methods())}"
-        ) from None
-
-
-def make_options(name: str, options: dict[str, Any] | None) -> Any:
-    """Validate a method's options dict against its ``Options`` dataclass."""
-    cls = get_method_class(name)
-    options = dict(options or {})
-    fields = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        allowed = ", ".join(sorted(fields)) or "none"
-        raise UserError(
-            f"unknown option(s) {', '.join(unknown)} for method {name!r}; allowed options: {allowed}"
-        )
-    return cls.Options(**options)
+        raise RuntimeError(f"distillation method {name!r} has a spec in semckd_ray.distill.catalog but no "
+                           "module of semckd_ray.distill registers a class for it (@register_method)") from None
 
 
 def create_method(name: str, ctx: DistillContext, options: dict[str, Any] | None = None) -> DistillMethod:

@@ -16,13 +16,13 @@ labels it falls back to RepDistiller's sampler-less path, uniform over the whole
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from semckd_ray.distill.base import DistillContext, DistillMethod, register_method
+from semckd_ray.distill.catalog import CRDSpec
 from semckd_ray.errors import UserError
 
 __all__ = ["CRD", "Embed", "nce_loss"]
@@ -72,7 +72,7 @@ def _gather_rows(*tensors: Tensor) -> list[Tensor]:
 
 
 @register_method
-class CRD(DistillMethod):
+class CRD(CRDSpec, DistillMethod):
     """CRD on the pooled feature vectors ``feats[-1]``.
 
     Under ``torch.distributed`` the memory bank stays identical on every rank without DDP's help:
@@ -83,8 +83,7 @@ class CRD(DistillMethod):
     reference's DDP mode). The forward then makes collective calls, so every rank must run it.
     """
 
-    name = "crd"
-    default_beta = 0.8  # scripts/run_cifar_distill.sh: --distill crd -b 0.8
+    # name, default_beta, Options: CRDSpec (semckd_ray.distill.catalog)
     needs_index = True
     syncs_own_buffers = True
     # Its random negatives alone would replay fine (the CUDA generator advances with each replay) and so
@@ -95,25 +94,7 @@ class CRD(DistillMethod):
                            "constants are set yet; whether some class has fewer than nce_k negatives), and a "
                            "graph would replay one path for every batch")
 
-    @dataclass(frozen=True)
-    class Options:
-        feat_dim: int = 128  # embedding size
-        nce_k: int = 16384  # negatives per sample (at most num_train - 1 are used)
-        nce_t: float = 0.07  # temperature of the scores
-        nce_m: float = 0.5  # momentum of the memory update
-
-        def __post_init__(self):
-            for key in ("feat_dim", "nce_k"):
-                value = getattr(self, key)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise UserError(f"crd option {key} must be an integer >= 1, got {value!r}")
-            if isinstance(self.nce_t, bool) or not isinstance(self.nce_t, (int, float)) or not self.nce_t > 0:
-                raise UserError(f"crd option nce_t must be a number > 0, got {self.nce_t!r}")
-            m = self.nce_m
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-                raise UserError(f"crd option nce_m must be a number in [0, 1), got {m!r}")
-
-    def __init__(self, ctx: DistillContext, options: Options | None = None):
+    def __init__(self, ctx: DistillContext, options: CRDSpec.Options | None = None):
         super().__init__(ctx, options)
         opts = self.options
         num_train = ctx.num_train

@@ -8,12 +8,11 @@ hint-pretraining stage), and so does this one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semckd_ray.distill.base import DistillContext, DistillMethod, register_method
+from semckd_ray.distill.catalog import FitNetSpec
 from semckd_ray.errors import UserError
 
 __all__ = ["FitNet", "ConvReg"]
@@ -51,22 +50,10 @@ class ConvReg(nn.Module):
 
 
 @register_method
-class FitNet(DistillMethod):
-    name = "fitnet"
-    default_beta = 100.0  # scripts/run_cifar_distill.sh: --distill hint -b 100
+class FitNet(FitNetSpec, DistillMethod):
+    # name, default_beta, Options: FitNetSpec (semckd_ray.distill.catalog)
 
-    @dataclass(frozen=True)
-    class Options:
-        # Index into the full feature list (0 = stem output). RepDistiller's default is 2; note
-        # that the SemCKD repo's train_student.py (at 68e4a99) defaults to 1.
-        hint_layer: int = 2
-
-        def __post_init__(self):
-            layer = self.hint_layer
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise UserError(f"fitnet option hint_layer must be an integer >= 0, got {layer!r}")
-
-    def __init__(self, ctx: DistillContext, options: Options | None = None):
+    def __init__(self, ctx: DistillContext, options: FitNetSpec.Options | None = None):
         super().__init__(ctx, options)
         layer = self.options.hint_layer
         s_shapes, t_shapes = ctx.student_shapes, ctx.teacher_shapes

@@ -14,7 +14,6 @@ Parameter names are our own: ``key_embed.{j}``, ``query_embed.{i}`` and ``proj.{
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semckd_ray.distill.base import DistillContext, DistillMethod, register_method
+from semckd_ray.distill.catalog import SemCKDSpec
 from semckd_ray.errors import UserError
 
 __all__ = ["SemCKD", "SemCKDOutput", "MLPEmbed", "projection"]
@@ -116,44 +116,17 @@ def _pool_to(feat: Tensor, size: int) -> Tensor:
 
 
 @register_method
-class SemCKD(DistillMethod):
+class SemCKD(SemCKDSpec, DistillMethod):
     """SemCKD on the student's and teacher's intermediate maps ``feats[1:-1]`` (SPEC section 1).
 
     The query/key MLPs take a whole row of the batch Gram matrix, so the module is built for
     ``ctx.batch_size`` and cannot see a batch of any other size (the trainer skips partial batches).
     """
 
-    name = "semckd"
-    default_beta = 400.0
+    # name, default_beta, Options, check_batch_size: SemCKDSpec (semckd_ray.distill.catalog)
     requires_fixed_batch = True
 
-    @dataclass(frozen=True)
-    class Options:
-        factor: int = 4  # embedding size d = batch_size // factor (hidden width 2 * d)
-        soft: float = 1.0  # attention temperature: softmax(query . key / soft); 1 = SemCKD repo
-        proj_width: int = 2  # projection hidden width = proj_width * teacher channels; 2 = official
-
-        def __post_init__(self):
-            if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 1:
-                raise UserError(f"semckd option factor must be an integer >= 1, got {self.factor!r}")
-            if isinstance(self.soft, bool) or not isinstance(self.soft, (int, float)) or not self.soft > 0:
-                raise UserError(f"semckd option soft must be a number > 0, got {self.soft!r}")
-            if (
-                isinstance(self.proj_width, bool)
-                or not isinstance(self.proj_width, int)
-                or self.proj_width < 1
-            ):
-                raise UserError(f"semckd option proj_width must be an integer >= 1, got {self.proj_width!r}")
-
-    @classmethod
-    def check_batch_size(cls, options: Options, batch_size: int) -> None:
-        if batch_size // options.factor < 1:
-            raise UserError(
-                f"semckd: batch size {batch_size} // factor {options.factor} = 0, so the query/key "
-                f"embedding would be empty; use a factor <= {batch_size}"
-            )
-
-    def __init__(self, ctx: DistillContext, options: Options | None = None):
+    def __init__(self, ctx: DistillContext, options: SemCKDSpec.Options | None = None):
         super().__init__(ctx, options)
         opts = self.options
         batch_size = ctx.batch_size

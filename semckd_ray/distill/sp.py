@@ -9,12 +9,11 @@ never have to match.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from semckd_ray.distill.base import DistillContext, DistillMethod, register_method
+from semckd_ray.distill.catalog import SPSpec
 from semckd_ray.errors import UserError
 
 __all__ = ["SP", "similarity_loss"]
@@ -30,15 +29,10 @@ def similarity_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
 
 
 @register_method
-class SP(DistillMethod):
-    name = "sp"
-    default_beta = 3000.0  # scripts/run_cifar_distill.sh: --distill similarity -b 3000
+class SP(SPSpec, DistillMethod):
+    # name, default_beta (no options): SPSpec (semckd_ray.distill.catalog)
 
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
-    def __init__(self, ctx: DistillContext, options: Options | None = None):
+    def __init__(self, ctx: DistillContext, options: SPSpec.Options | None = None):
         super().__init__(ctx, options)
         for who, shapes in (("student", ctx.student_shapes), ("teacher", ctx.teacher_shapes)):
             if len(shapes) < 2:

@@ -10,7 +10,6 @@ predictor each, and their losses are summed, as the official loop does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from semckd_ray.distill.at import intermediate_maps, pool_to_smaller
 from semckd_ray.distill.base import DistillContext, DistillMethod, register_method
-from semckd_ray.errors import UserError
+from semckd_ray.distill.catalog import VIDSpec
 
 __all__ = ["VID", "VIDPair"]
 
@@ -53,29 +52,10 @@ class VIDPair(nn.Module):
 
 
 @register_method
-class VID(DistillMethod):
-    name = "vid"
-    default_beta = 1.0  # scripts/run_cifar_distill.sh: --distill vid -b 1
+class VID(VIDSpec, DistillMethod):
+    # name, default_beta, Options: VIDSpec (semckd_ray.distill.catalog)
 
-    @dataclass(frozen=True)
-    class Options:
-        init_pred_var: float = 5.0  # initial variance of every teacher channel
-        eps: float = 1e-5  # variance floor
-
-        def __post_init__(self):
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-                raise UserError(f"vid option eps must be a number > 0, got {self.eps!r}")
-            if (
-                isinstance(self.init_pred_var, bool)
-                or not isinstance(self.init_pred_var, (int, float))
-                or not self.init_pred_var > self.eps
-            ):
-                raise UserError(
-                    f"vid option init_pred_var must be a number > eps ({self.eps}), "
-                    f"got {self.init_pred_var!r}"
-                )
-
-    def __init__(self, ctx: DistillContext, options: Options | None = None):
+    def __init__(self, ctx: DistillContext, options: VIDSpec.Options | None = None):
         super().__init__(ctx, options)
         s_maps = intermediate_maps(ctx.student_shapes, "student", self.name)
         t_maps = intermediate_maps(ctx.teacher_shapes, "teacher", self.name)

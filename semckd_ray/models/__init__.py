@@ -2,14 +2,16 @@
 
 ``create_model(name)`` builds a model whose ``forward(x)`` returns ``(logits, features)`` and whose
 ``feature_info`` describes the features (see ``_features.py``); ``load_checkpoint`` loads official
-or our own checkpoints into it.
+or our own checkpoints into it. ``list_models()`` names the models without importing torch
+(``_registry.ZOO``); each model's module is imported when it is first built, and the names of
+``_features`` and ``checkpoint`` exported here are imported when first used.
 """
 
-# Importing the family modules registers their models.
-from semckd_ray.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401
-from semckd_ray.models._features import CifarModel, FeatureInfo
+import importlib
+
 from semckd_ray.models._registry import create_model, list_models, register_model
-from semckd_ray.models.checkpoint import load_checkpoint
+
+_LAZY = {"CifarModel": "_features", "FeatureInfo": "_features", "load_checkpoint": "checkpoint"}
 
 __all__ = [
     "CifarModel",
@@ -19,3 +21,16 @@ __all__ = [
     "load_checkpoint",
     "register_model",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

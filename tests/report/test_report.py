@@ -276,3 +276,191 @@ def test_paper_results_cover_section_10_of_the_spec():
     assert paper["rows"]["semckd"]["resnet32x4->resnet8x4"] == {"mean": 76.23, "std": 0.04}
     assert paper["rows"]["teacher"]["wrn_40_2->MobileNetV2"] == {"mean": 75.61, "std": None}
     assert math.isclose(paper["ari_percent"]["kd"], 72.65)
+
+
+# ------------------------------------------------------------------------------------------
+# Reruns and the sweep figure, on runs made by hand (no training): a store of their own
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory):
+    """A client on an empty tracking store of its own, the module in its folder (MLflow's ./mlruns)."""
+    folder = tmp_path_factory.mktemp("report-bare")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        yield tracking.client(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+STUDENT_TAGS = {"role": "student", "method": "kd", "student": "resnet8", "teacher": "resnet14", "dataset": "digits"}
+
+
+def _finished(client, experiment_id: str, value: float, start: int, *, seed: int | None = 0,
+              params: dict | None = None, status: str = "FINISHED", **tags) -> str:
+    """A run as a training leaves it: tags, params (seed included), ``test_top1_at_best_val``, closed."""
+    run_id = client.create_run(experiment_id, start_time=start, tags={**STUDENT_TAGS, **tags},
+                               run_name=f"run-{start}").info.run_id
+    for key, v in {**({"seed": seed} if seed is not None else {}), **(params or {})}.items():
+        client.log_param(run_id, key, v)
+    client.log_metric(run_id, report.METRIC, value)
+    client.set_terminated(run_id, status, end_time=start + 100)
+    return run_id
+
+
+def test_a_rerun_of_the_same_training_counts_once_and_is_listed(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-reruns")
+    # KD seed 0 trained twice (same config_sha256: one experiment), seed 1 once: two seeds, n=2.
+    kd_first = _finished(client, experiment_id, 90.0, 1000, config_sha256="a" * 64)
+    kd_seed1 = _finished(client, experiment_id, 80.0, 1500, seed=1, config_sha256="b" * 64)
+    kd_rerun = _finished(client, experiment_id, 91.0, 2000, config_sha256="a" * 64)
+    # The student baseline trained twice: its row counts it once too, the newest.
+    vanilla = {"role": "teacher", "method": "vanilla", "teacher": ""}
+    student_rerun = _finished(client, experiment_id, 71.0, 200, config_sha256="c" * 64, **vanilla)
+    student_first = _finished(client, experiment_id, 70.0, 100, config_sha256="c" * 64, **vanilla)
+    # Teacher runs without the tag: their logged config, tracking settings and data folder aside, decides.
+    config = {"optim.epochs": 2, "data.dataset": "digits"}
+    teacher_vanilla = {**vanilla, "student": "resnet14"}
+    teacher_first = _finished(client, experiment_id, 95.0, 300, **teacher_vanilla,
+                              params={**config, "tracking.uri": "sqlite:///a.db", "data.root": "/a"})
+    teacher_rerun = _finished(client, experiment_id, 96.0, 400, **teacher_vanilla,
+                              params={**config, "tracking.uri": "http://host:5000", "data.root": "/b"})
+    teacher_other = _finished(client, experiment_id, 94.0, 500, **teacher_vanilla,
+                              params={**config, "optim.epochs": 4})  # another training: counts
+    # Not finished: neither counted nor a rerun of anything.
+    _finished(client, experiment_id, 99.0, 3000, config_sha256="a" * 64, status="FAILED")
+
+    made = report.make_report(client, "report-reruns", tmp_path, store="test")
+    table = {line["row"]: line for line in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert table["kd"]["n"] == "2"  # two seeds count twice; the rerun of seed 0 once
+    assert set(table["kd"]["run_ids"].split()) == {kd_rerun, kd_seed1}  # the newest of seed 0
+    assert float(table["kd"]["mean"]) == pytest.approx(statistics.fmean([91.0, 80.0]), abs=1e-4)
+    assert (table["student"]["n"], table["student"]["run_ids"]) == ("1", student_rerun)
+    assert table["teacher"]["n"] == "2"
+    assert set(table["teacher"]["run_ids"].split()) == {teacher_rerun, teacher_other}
+
+    dropped = {r.dropped.run_id: (r.kept.run_id, r.why) for r in made.reruns}
+    assert dropped == {
+        kd_first: (kd_rerun, "same config_sha256"),
+        student_first: (student_rerun, "same config_sha256"),
+        teacher_first: (teacher_rerun, "same logged config (no config_sha256 tag)"),
+    }
+    with open(tmp_path / "runs.csv") as f:
+        runs = {line["run_id"]: line for line in csv.DictReader(f)}
+    assert set(runs) == {kd_rerun, kd_seed1, student_rerun, teacher_rerun, teacher_other}
+    assert runs[kd_rerun]["duplicates"] == kd_first and runs[kd_rerun]["config_sha256"] == "a" * 64
+    assert runs[teacher_rerun]["duplicates"] == teacher_first
+    assert runs[kd_seed1]["duplicates"] == ""
+    markdown = (tmp_path / "report.md").read_text()
+    assert "; 3 rerun(s) of these left out" in markdown
+    assert "91.00 (n=1)" not in markdown and f"{statistics.fmean([91.0, 80.0]):.2f} ± " in markdown
+    section = markdown[markdown.index("## Reruns counted once"):]
+    for first, (kept, why) in dropped.items():
+        (line,) = [line for line in section.splitlines() if f"`{first}`" in line]
+        assert f"`{kept}`" in line and why in line
+
+
+def test_a_sweep_run_again_counts_once_even_where_its_best_trial_differs(bare):
+    """Same search and base config: one experiment, whichever config came out best each time."""
+    client = bare
+    experiment_id = client.create_experiment("report-sweep-reruns")
+    search = {"search.space.method.beta.type": "loguniform", "search.seed": 0, "scheduler": "asha",
+              "base.optim.epochs": 8, "base.method.name": "semckd"}
+
+    def sweep(start: int, **params) -> str:
+        run_id = client.create_run(experiment_id, start_time=start, tags={"role": "sweep"}).info.run_id
+        for key, v in {**search, "base.tracking.uri": f"sqlite:///{start}.db", **params}.items():
+            client.log_param(run_id, key, v)
+        client.set_terminated(run_id, "FINISHED", end_time=start + 900)
+        return run_id
+
+    def best(parent: str, start: int, beta: float, **extra) -> str:
+        return _finished(client, experiment_id, 60.0 + start / 1000, start, method="semckd",
+                         config_sha256=f"{beta:064.0f}",
+                         **{tracking.PARENT_RUN_TAG: parent, "best_trial": "true", **extra})
+
+    first, again, other = sweep(1000), sweep(5000), sweep(9000, **{"search.seed": 1})
+    best_first = best(first, 1100, 10.0)
+    best_again = best(again, 5100, 100.0)  # another beta came out best this time: still a rerun
+    best_other = best(other, 9100, 30.0)  # another search (its seed): another experiment
+    # search.repeats > 1, run twice: the seed runs of the two best trials pair up by seed.
+    repeats = {**search, "search.repeats": 2}
+    sweep_runs = []
+    for start in (20000, 30000):
+        parent = sweep(start, **repeats)
+        trial = _finished(client, experiment_id, 50.0, start + 100, method="semckd", config_sha256=f"{start + 50:064d}",
+                          **{tracking.PARENT_RUN_TAG: parent, "best_trial": "true"})
+        sweep_runs.append([_finished(client, experiment_id, 50.0 + s, start + 200 + s, seed=s, method="semckd",
+                                     config_sha256=f"{start + s:064d}", **{tracking.PARENT_RUN_TAG: trial})
+                           for s in (0, 1)])
+
+    selection = report.select(report.all_runs(client, experiment_id))
+    assert {r.run_id for r in selection.results} == {best_again, best_other, *sweep_runs[1]}
+    dropped = {r.dropped.run_id: (r.kept.run_id, r.why) for r in selection.reruns}
+    why = "same sweep run again (same search and base config), same seed"
+    assert dropped == {best_first: (best_again, why), sweep_runs[0][0]: (sweep_runs[1][0], why),
+                       sweep_runs[0][1]: (sweep_runs[1][1], why)}
+
+
+def test_a_standalone_run_and_a_sweeps_best_trial_of_its_config_count_once(bare):
+    client = bare
+    experiment_id = client.create_experiment("report-standalone-and-trial")
+    parent = client.create_run(experiment_id, tags={"role": "sweep"}).info.run_id
+    client.set_terminated(parent, "FINISHED")
+    trial = _finished(client, experiment_id, 61.0, 1000, config_sha256="d" * 64,
+                      **{tracking.PARENT_RUN_TAG: parent, "best_trial": "true"})
+    standalone = _finished(client, experiment_id, 62.0, 2000, config_sha256="d" * 64)
+    selection = report.select(report.all_runs(client, experiment_id))
+    assert [r.run_id for r in selection.results] == [standalone]
+    assert [(r.dropped.run_id, r.kept.run_id) for r in selection.reruns] == [(trial, standalone)]
+
+
+def test_sweep_figure_marks_how_many_epochs_each_trial_trained(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-sweep-figure")
+    sweep = client.create_run(experiment_id, run_name="sweep-asha", tags={"role": "sweep"}).info.run_id
+    for key, v in {"scheduler": "asha", "base.optim.epochs": 8, "search.space.method.beta.type": "loguniform"}.items():
+        client.log_param(sweep, key, v)
+
+    def trial(beta: float, score: float | None, epochs: int, status: str, **tags) -> str:
+        run_id = client.create_run(experiment_id, tags={**STUDENT_TAGS, tracking.PARENT_RUN_TAG: sweep,
+                                                        "searched.method.beta": str(beta), **tags}).info.run_id
+        client.log_param(run_id, "optim.epochs", 8)
+        for epoch in range(1, epochs + 1):
+            client.log_metric(run_id, "epoch", epoch, step=epoch)
+        if score is not None:
+            client.log_metric(run_id, report.SCORE, score)
+        client.set_terminated(run_id, status)
+        return run_id
+
+    full = [trial(10.0, 90.0, 8, "FINISHED", best_trial="true"), trial(300.0, 85.0, 8, "FINISHED")]
+    stopped = [trial(100.0, 80.0, 2, "FINISHED", stopped_early="true"),  # as the sweep closes them
+               trial(30.0, 81.0, 2, "FINISHED", stopped_early="true")]
+    diverged = trial(1000.0, 20.0, 3, "FAILED", stopped_reason="non-finite training loss")
+    trial(500.0, None, 1, "FAILED")  # no score: not drawn
+    client.set_terminated(sweep, "FINISHED")
+    sweep_run = client.get_run(sweep)
+    trials = [r for r in report.all_runs(client, experiment_id) if r.info.run_id != sweep]
+
+    labels = {p.run_id: p.label for p in report.sweep_points(sweep_run, trials)}
+    assert labels == {**{r: "8 epochs (all)" for r in full}, **{r: "2 epochs (stopped by ASHA)" for r in stopped},
+                      diverged: "3 epochs (diverged)"}
+    fig = report.sweep_figure(sweep_run, trials)
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "8 epochs (all)", "3 epochs (diverged)", "2 epochs (stopped by ASHA)", "best trial"]
+    drawn = {c.get_label(): sorted(map(tuple, c.get_offsets().tolist())) for c in ax.collections}
+    assert drawn == {"8 epochs (all)": [(10.0, 90.0), (300.0, 85.0)], "3 epochs (diverged)": [(1000.0, 20.0)],
+                     "2 epochs (stopped by ASHA)": [(30.0, 81.0), (100.0, 80.0)], "best trial": [(10.0, 90.0)]}
+    title = fig._suptitle.get_text()
+    assert title.startswith("sweep sweep-asha: 5 trials") and report.SWEEP_TITLE in title
+    assert "best validation top-1 over the epochs each trial trained" in report.SWEEP_TITLE
+    assert ax.get_xscale() == "log"
+    path = report.plot_sweep(client, sweep_run, trials, tmp_path / "sweep.png")
+    assert _png(path) == report.figure_size(1)
+
+
+def test_the_fixtures_sweep_trials_trained_all_their_epochs(store):
+    client, runs = store["client"], store["runs"]
+    sweep = client.get_run(runs["sweep"])
+    trials = [client.get_run(runs[k]) for k in ("best_trial", "other_trial")]
+    assert {p.label for p in report.sweep_points(sweep, trials)} == {"1 epoch (all)"}  # optim.epochs 1
