@@ -244,6 +244,9 @@ def _ray_worker_entry(config: dict[str, Any]) -> dict[str, float]:
         train_context.logger.setLevel(logging.WARNING)
     except (ImportError, AttributeError):  # another Ray: its own logging, as it is
         pass
+    # MLflow draws a progress bar for every artifact it downloads (the teacher's checkpoint), which a
+    # worker's captured stdout shows as a line of control characters; a user's choice stays.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Rank 0's final metrics come back as the Result's return_value.
     return run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"],
                       spool=config["spool"])

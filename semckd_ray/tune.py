@@ -168,19 +168,34 @@ def _check_trial_seeds(search: SearchConfig, base: TrainConfig) -> None:
 # The trial
 
 
-def _sampled(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flatten(params).items()}
+def short_names(keys: list[str]) -> dict[str, str]:
+    """``{short name: dotted key}``: each key's last part, or as many parts as tell it apart.
+
+    Tune's progress table cuts a column's name at 20 characters (``...od/options/factor``); the
+    trials' parameters go by these names there, and by their dotted keys everywhere else.
+    """
+    parts = {key: key.split(".") for key in keys}
+    for depth in range(1, max((len(p) for p in parts.values()), default=1) + 1):
+        names = {key: ".".join(p[-depth:]) for key, p in parts.items()}
+        if len(set(names.values())) == len(names):
+            return {name: key for key, name in names.items()}
+    return {key: key for key in keys}
+
+
+def _sampled(params: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A trial's values by dotted key (a sweep started before short names had nested params)."""
+    return {names.get(k, k): v for k, v in flatten(params).items()}
 
 
 def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, parent_run_id: str,
-              sweep_name: str, repeats: int) -> None:
+              sweep_name: str, repeats: int, names: dict[str, str]) -> None:
     """A Tune function trainable: one Ray Train run per repeat, logged as the trial's MLflow run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from semckd_ray.trainer import fit
 
-    sampled = _sampled(params)
+    sampled = _sampled(params, names)
     trial_raw = json.loads(json.dumps(raw))
     for key, value in sampled.items():
         set_dotted(trial_raw, key, value)
@@ -427,9 +442,10 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
         sweep_dir = storage.join(root, sweep_name)  # where Tune keeps the sweep: a folder or a URI
         parent_run_id = _start_parent(base, search, sweep_name, raw)
 
+    names = short_names(list(search.space))
     trainable = tune.with_parameters(
         run_trial, raw=raw, config_dir=str(config_dir), parent_run_id=parent_run_id,
-        sweep_name=sweep_name, repeats=search.repeats,
+        sweep_name=sweep_name, repeats=search.repeats, names=names,
     )
     # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs:
     # reserving a CPU for it as well would leave the workers of concurrent trials none to run on.
@@ -438,9 +454,7 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
         # The sweep's URI as found (an S3 endpoint's query included), which Tune reads its state from.
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        param_space: dict[str, Any] = {}
-        for key, spec in search.space.items():
-            set_dotted(param_space, key, spec.tune_domain())
+        param_space = {name: search.space[key].tune_domain() for name, key in names.items()}
         scheduler = (
             ASHAScheduler(time_attr="epoch", max_t=base.optim.epochs, grace_period=search.scheduler.grace_period,
                           reduction_factor=search.scheduler.reduction_factor)

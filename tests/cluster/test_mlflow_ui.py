@@ -78,3 +78,33 @@ def test_sweep_runs_show_in_the_mlflow_ui(mlflow_server, sweep_job, browser, tmp
 
     artifacts_page = page_text(browser, f"{best_url}/artifacts", tmp_path, ["checkpoints"])
     assert "checkpoints" in artifacts_page, artifacts_page[:2000]
+
+
+def test_the_sweeps_runs_view_shows_its_trials_best_first_with_their_values(mlflow_server, sweep_job, browser,
+                                                                             tmp_path):
+    """The experiment opens in the model-training view, and the view the sweep stored (the link its
+    summary prints) lists the trials with the searched keys and the score as columns."""
+    from semckd_ray import tracking
+
+    experiment = mlflow_server.api("experiments/get-by-name",
+                                    experiment_name=sweep_job.config["tracking"]["experiment"])["experiment"]
+    tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+    eid = experiment["experiment_id"]
+    (parent,) = mlflow_server.search_runs(eid, "tags.role = 'sweep'")
+    parent_id = parent["info"]["run_id"]
+    assert f"{tracking.SHARED_VIEW_TAG}{parent_id}" in tags
+    url = tracking.runs_view_url(mlflow_server.url, eid, parent_id)
+    assert url in sweep_job.output  # the summary printed it
+
+    trials = mlflow_server.search_runs(eid, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    names = [t["info"]["run_name"] for t in trials]
+    searched = list(sweep_job.config["search"]["space"])
+    expected = [*names, *searched, "best_val_top1", "test_top1_at_best_val"]
+    page = page_text(browser, url, tmp_path, expected)
+    for text in expected:
+        assert text in page, f"{text!r} not in the sweep's runs view: {page[:3000]}"
+    assert parent["info"]["run_name"] not in page  # the view lists the trials, not the parent
+    for trial in trials:  # each trial's name says its sweep, its number and its values
+        assert trial["info"]["run_name"].startswith(sweep_job.config["name"] + " ")
+        assert " #0" in trial["info"]["run_name"] and "beta=" in trial["info"]["run_name"]
