@@ -69,7 +69,7 @@ def ui_server(uri: str):
         shutil.rmtree(artifacts, ignore_errors=True)
 
 
-def screenshot(browser: str, url: str, path: Path, profile: Path, size: str = "1600,1000") -> Path:
+def screenshot(browser: str, url: str, path: Path, profile: Path, size: str = "1920,1000") -> Path:
     """``url`` rendered into ``path``, after 20 s of virtual time for the UI's REST calls."""
     subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(screenshot(browser, view, out / "mlflow_sweep_runs.png", Path(profile)), view)
         if best:
             page = f"{url}/#/experiments/{eid}/runs/{best[0].info.run_id}?workflowType=machine_learning"
-            print(screenshot(browser, page, out / "mlflow_best_trial.png", Path(profile), size="1600,1200"), page)
+            print(screenshot(browser, page, out / "mlflow_best_trial.png", Path(profile), size="1920,1200"), page)
     return 0
 
 
