@@ -483,7 +483,7 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
                 {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": tracking.redact(base.tracking.uri)}))
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read by tuner.fit(), in this process
     print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, up to {capacity()} at a time on the "
-          f"cluster as it is now; MLflow parent run {parent_run_id}", flush=True)
+          f"cluster as it is now; MLflow parent run {parent_run_id} ({sweep_run_name(sweep_name)!r})", flush=True)
     try:
         results = tuner.fit()
     except BaseException:

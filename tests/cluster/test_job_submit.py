@@ -101,5 +101,5 @@ def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_ser
     assert "checkpoints/best_model.pt" in artifacts(teacher_id, path="checkpoints")
 
     # Ray kept every training's checkpoints, the teacher's too, where tracking.storage_path points.
-    assert list(sweep_job.storage_path.glob(f"{parent['info']['run_name']}-*/epoch_*"))
+    assert list(sweep_job.storage_path.glob(f"{tags(parent)['sweep_name']}-*/epoch_*"))
     assert list(sweep_job.storage_path.glob(f"*-{teacher_id}/epoch_*"))

@@ -47,6 +47,8 @@ def page_text(browser: str, url: str, home: Path, expected: list[str]) -> str:
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--no-first-run", f"--user-data-dir={home / 'profile'}", f"--virtual-time-budget={budget_ms}",
+             # The runs table renders only the columns that fit in the window.
+             "--window-size=2400,1200",
              "--dump-dom", url],
             capture_output=True, text=True, timeout=180, env={**os.environ, "XDG_CONFIG_HOME": str(home / "config")},
         ).stdout
