@@ -4,7 +4,7 @@ The names below are imported from their modules when first used: importing this 
 torch-free ``catalog`` (what the config is validated against), does not import torch.
 """
 
-import importlib
+from semckd_ray._lazy import lazy_exports
 
 # Each exported name and the module that defines it.
 _EXPORTS = {
@@ -18,14 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -7,7 +7,7 @@ imports every such module on first use. The names below are imported from their 
 used: importing this package, or ``catalog``, does not import torch.
 """
 
-import importlib
+from semckd_ray._lazy import lazy_exports
 
 # Each exported name and the module that defines it.
 _EXPORTS = {
@@ -19,14 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

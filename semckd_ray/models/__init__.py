@@ -7,7 +7,7 @@ or our own checkpoints into it. ``list_models()`` names the models without impor
 ``_features`` and ``checkpoint`` exported here are imported when first used.
 """
 
-import importlib
+from semckd_ray._lazy import lazy_exports
 
 from semckd_ray.models._registry import create_model, list_models, register_model
 
@@ -23,14 +23,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
