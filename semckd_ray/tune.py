@@ -223,6 +223,10 @@ def _run_repeats(cfg: TrainConfig, run_id: str, trial_id: str, sweep_name: str, 
     epoch ``e`` once every seed has finished it, so ASHA judges the mean after the first rung and
     stops a poor trial there, with all its seeds, instead of after every seed has trained to the end.
     Seeds that the cluster cannot hold at once wait for resources, as any training does.
+
+    The seeds do not wait for each other: a seed that started first trains on while the trial waits
+    for the slower one to reach the rung, and is stopped with the trial wherever it then is. Holding
+    it at the rung would deadlock wherever the slower seed waits for the resources the faster holds.
     """
     import threading
 
