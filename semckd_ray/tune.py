@@ -110,12 +110,44 @@ class SchedulerConfig(_Section):
 
 
 class SearchConfig(_Section):
-    num_samples: int = Field(default=8, ge=1)
+    num_samples: int = Field(default=8, ge=1)  # with sampler 'grid': the number of combinations
+    # 'tpe': Optuna's TPE proposes each trial from the scores so far. 'grid': every combination of
+    # the 'choice' values once (Optuna's GridSampler), as a study of fractions or noise rates needs.
+    sampler: Literal["tpe", "grid"] = "tpe"
     max_concurrent: int | None = Field(default=None, ge=1)  # None: as many as the cluster holds
     repeats: int = Field(default=1, ge=1, le=MAX_SEED + 1)  # seeds per trial; the score is their mean
     seed: int = Field(default=0, ge=0, le=MAX_SEED)  # Optuna's TPE sampler: numpy's RandomState, [0, 2**32)
     space: dict[str, ParamSpec] = Field(default_factory=dict)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+    @model_validator(mode="after")
+    def _grid_is_choices(self) -> SearchConfig:
+        if self.sampler != "grid" or not self.space:
+            return self
+        ranges = [key for key, spec in self.space.items() if spec.type != "choice"]
+        if ranges:
+            raise ValueError(f"sampler 'grid' runs every combination of 'choice' values; {', '.join(ranges)} "
+                             "is a range: give it type 'choice' with its values, or use sampler 'tpe'")
+        size = self.grid_size()
+        if "num_samples" not in self.model_fields_set:
+            self.__dict__["num_samples"] = size  # set without validate_assignment re-running this check
+        elif self.num_samples != size:
+            raise ValueError(f"sampler 'grid' runs each of the {size} combinations of search.space once: "
+                             f"set num_samples to {size} or leave it out (got {self.num_samples})")
+        return self
+
+    def grid_size(self) -> int:
+        return math.prod(len(spec.values) for spec in self.space.values())
+
+    def optuna_sampler(self, names: dict[str, str]):
+        """The Optuna sampler; ``names``: ``{trial parameter name: dotted key}``, as Tune names them."""
+        if self.sampler == "grid":
+            from semckd_ray.grid_sampler import GridSampler
+
+            return GridSampler({name: self.space[key].values for name, key in names.items()}, seed=self.seed)
+        import optuna
+
+        return optuna.samplers.TPESampler(seed=self.seed)
 
 
 def parse_search(raw: dict[str, Any], config_dir: Path) -> tuple[SearchConfig, TrainConfig]:
@@ -464,9 +496,7 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
                           reduction_factor=search.scheduler.reduction_factor)
             if search.scheduler.type == "asha" else FIFOScheduler()
         )
-        import optuna
-
-        searcher = ClusterLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed)), capacity)
+        searcher = ClusterLimiter(OptunaSearch(sampler=search.optuna_sampler(names)), capacity)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -523,7 +553,8 @@ def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw:
         "student": base.student.model, "teacher": base.teacher.model if base.teacher else "",
     })
     params = {f"search.{k}": v for k, v in flatten(search.model_dump(mode="json")).items()}
-    params.update({"searcher": "optuna.TPESampler", "scheduler": search.scheduler.type, "metric": METRIC})
+    params.update({"searcher": f"optuna.{'GridSampler' if search.sampler == 'grid' else 'TPESampler'}",
+                   "scheduler": search.scheduler.type, "metric": METRIC})
     params.update({f"base.{k}": v for k, v in flatten(base.model_dump(mode="json")).items()})
     tracking.log_params(client, run.info.run_id, params)
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,6 +52,33 @@ def test_search_space_errors_name_the_key(tmp_path):
         parse_search(raw, SMOKE.parent)
 
 
+def test_a_grid_sweep_runs_each_combination_once_and_refuses_what_is_no_grid(tmp_path):
+    raw = read_yaml(SMOKE)
+    raw["search"] = {"sampler": "grid", "space": {
+        "data.val_size": {"type": "choice", "values": [100, 200]}, "seed": {"type": "choice", "values": [0, 1, 2]}}}
+    search, _ = parse_search(raw, SMOKE.parent)
+    assert search.num_samples == 6  # every combination, from the grid's size
+    names = {"val_size": "data.val_size", "seed": "seed"}
+    sampler = search.optuna_sampler(names)
+    import optuna
+
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    seen = []
+    for _ in range(6):
+        trial = study.ask({name: optuna.distributions.CategoricalDistribution(search.space[key].values)
+                           for name, key in names.items()})
+        seen.append((trial.params["val_size"], trial.params["seed"]))
+        study.tell(trial, 0.0)
+    assert sorted(seen) == [(v, s) for v in (100, 200) for s in (0, 1, 2)]
+    raw["search"]["num_samples"] = 4
+    with pytest.raises(UserError, match="6 combinations.*num_samples to 6"):
+        parse_search(raw, SMOKE.parent)
+    raw["search"].pop("num_samples")
+    raw["search"]["space"]["method.beta"] = {"type": "loguniform", "low": 1.0, "high": 10.0}
+    with pytest.raises(UserError, match="method.beta is a range"):
+        parse_search(raw, SMOKE.parent)
+
+
 def trained_teacher(teacher_yaml: Path, tracking_uri: str, workdir: Path, steps: int = 10) -> str:
     """The finished teacher run that ``ensure_teacher`` reuses for ``teacher.train: teacher_yaml``,
     made here in seconds (a few SGD steps on digits, no Ray) instead of by the sweep, which would
