@@ -30,7 +30,13 @@ from pydantic import (
     model_validator,
 )
 
-from semckd_ray.data.catalog import DATASETS, check_val_size, train_images
+from semckd_ray.data.catalog import (
+    DATASETS,
+    check_label_noise,
+    check_train_fraction,
+    check_val_size,
+    fewest_train_images,
+)
 from semckd_ray.distill.catalog import make_options, method_spec
 from semckd_ray.errors import UserError
 from semckd_ray.models._registry import check_model_name
@@ -136,6 +142,30 @@ class DataConfig(_Section):
     # (search.repeats) is scored on the same split.
     split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
     eval_batch_size: int = Field(default=256, ge=1)  # larger than a split: the whole split at once
+    # Few-shot distillation: the share of each class's training images trained on (stratified),
+    # drawn with split_seed once the val split is held out: val and test stay the same at any fraction.
+    train_fraction: float = 1.0
+    # The share of the training labels (after train_fraction; never val or test) redrawn uniformly
+    # among all classes (symmetric noise, as the official dataset/label_noise.py), drawn with split_seed.
+    label_noise: float = 0.0
+
+    @field_validator("train_fraction")
+    @classmethod
+    def _fraction_in_range(cls, fraction: float) -> float:
+        try:
+            check_train_fraction(fraction)
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("data.train_fraction ")) from None
+        return fraction
+
+    @field_validator("label_noise")
+    @classmethod
+    def _noise_in_range(cls, rate: float) -> float:
+        try:
+            check_label_noise(rate)
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("data.label_noise ")) from None
+        return rate
 
     @model_validator(mode="after")
     def _val_size_fits(self) -> DataConfig:
@@ -146,8 +176,10 @@ class DataConfig(_Section):
         return self
 
     def train_images(self) -> int:
-        """Images of the official training split left for training once the val split is held out."""
-        return train_images(self.dataset, self.val_size)
+        """Images left for training once the val split is held out and ``train_fraction`` is kept:
+        exact at fraction 1, else the fewest the per-class rounding can leave (no file is read;
+        ``semckd_ray.data.catalog.fewest_train_images``)."""
+        return fewest_train_images(self.dataset, self.val_size, self.train_fraction)
 
 
 class TeacherConfig(_Section):
@@ -332,10 +364,14 @@ class TrainConfig(_Section):
         if self.optim.batch_size > images:
             workers = self.scaling.num_workers
             largest = images // workers * workers
+            fraction = self.data.train_fraction
+            kept = (f"at least {images} images once data.val_size are held out and data.train_fraction={fraction:g} "
+                    "of each class is kept" if fraction < 1 else f"{images} images once data.val_size are held out")
             raise ValueError(
                 f"optim.batch_size={self.optim.batch_size} (the global batch) is larger than the training split "
-                f"of {self.data.dataset} ({images} images once data.val_size are held out): allowed 2 to {largest}"
-                + (f", a multiple of scaling.num_workers={workers}" if workers > 1 else ""))
+                f"of {self.data.dataset} ({kept}): allowed 2 to {largest}"
+                + (f", a multiple of scaling.num_workers={workers}" if workers > 1 else "")
+                + (", or raise data.train_fraction" if fraction < 1 else ""))
         return self
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from semckd_ray.attention import attention_loader, attention_metrics, has_attention, mean_attention
 from semckd_ray.config import TrainConfig
-from semckd_ray.data import eval_loader, load_dataset, train_loader
+from semckd_ray.data import eval_loader, load_dataset, log_training_data, train_loader
 from semckd_ray.distill import DistillContext, Distiller, create_method, get_method_class
 from semckd_ray.errors import UserError
 from semckd_ray.models import create_model
@@ -242,8 +242,10 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     # ---- data: each worker reads its own shard of the global batch
     if cfg.data.download:
         _prepare_data(cfg, env)
+    # train_fraction and label_noise change the training split only; both are drawn from split_seed.
     splits = load_dataset(cfg.data.dataset, cfg.data.root, download=False, val_size=cfg.data.val_size,
-                          seed=cfg.data.split_seed)
+                          seed=cfg.data.split_seed, train_fraction=cfg.data.train_fraction,
+                          label_noise=cfg.data.label_noise)
     batch = cfg.per_worker_batch()
     placement = dict(device=env.device, channels_last=channels_last,
                      keep_on_device=env.device.type == "cuda", pin_memory=env.device.type == "cuda")
@@ -254,6 +256,8 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         raise UserError(
             f"the training split ({len(splits.train.labels)} images) is smaller than one global batch "
             f"of optim.batch_size={cfg.optim.batch_size}"
+            + (f" (data.train_fraction={cfg.data.train_fraction:g}): raise data.train_fraction or lower "
+               "optim.batch_size" if cfg.data.train_fraction < 1 else "")
         )
     val_batches = eval_loader(splits, "val", cfg.data.eval_batch_size, **shard, **placement)
     test_batches = eval_loader(splits, "test", cfg.data.eval_batch_size, **shard, **placement)
@@ -326,6 +330,8 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     tracker = _Tracker(tracking_uri, run_id, spool) if env.rank == 0 and run_id else None
     if tracker is not None:
         tracker.logger.set_tag("worker_nodes", ",".join(nodes))
+        # data/*.csv (class counts, the few-shot subset, the noisy labels) and data_* counts at step 0.
+        log_training_data(tracker.logger, splits, tracker.folder, metrics=resume_dir is None)
     final: dict[str, float] = {}
     for epoch in range(state.epoch + 1, cfg.optim.epochs + 1):
         lr = lr_at(cfg, epoch)

@@ -410,6 +410,11 @@ def config_digest(cfg: TrainConfig) -> str:
 
     # Where things are stored (tracking, the dataset's folder) does not change what is computed.
     content = cfg.model_dump(mode="json", exclude={"tracking": True, "data": {"root", "download"}})
+    # Keys added since runs were first logged count only when set: at their defaults (the whole
+    # training split, clean labels) a config's digest is the one its earlier finished runs carry.
+    for key, default in (("train_fraction", 1.0), ("label_noise", 0.0)):
+        if content["data"].get(key) == default:
+            del content["data"][key]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

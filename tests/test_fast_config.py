@@ -57,7 +57,7 @@ MISTAKES = {
     "unknown teacher model": ("teacher.model=resnet21", "teacher.model: unknown model 'resnet21'"),
     "unknown method": ("method.name=semckdd",
                        "method: unknown distillation method 'semckdd'; valid methods: at, crd, fitnet, kd, semckd"),
-    "unknown dataset": ("data.dataset=mnist", "data.dataset: Input should be 'cifar100', 'cifar10' or 'digits'"),
+    "unknown dataset": ("data.dataset=mnist", "data.dataset: Input should be 'cifar100', 'cifar10', 'digits', 'stl10' or 'tiny_imagenet'"),
     "wrong type": ("optim.lr=fast", "optim.lr: must be a number, not the string 'fast'"),
     "out of range": ("data.val_size=1437", "data.val_size must be an integer in [0, 1437) for digits"),
     "unknown method option": ("method.options.bogus=1",

@@ -57,7 +57,7 @@ def no_download(monkeypatch) -> None:
 
 def test_num_classes_reads_no_file_and_unknown_names_list_the_valid_ones():
     """num_classes answers from the name alone, and an unknown name gets load_dataset's error."""
-    assert [num_classes(n) for n in list_datasets()] == [10, 100, 10]  # cifar10, cifar100, digits
+    assert [num_classes(n) for n in list_datasets()] == [10, 100, 10, 10, 200]  # cifar10, cifar100, digits, stl10, tiny_imagenet
     assert (needs_files("cifar100"), needs_files("digits")) == (True, False)
     with pytest.raises(UserError, match="unknown dataset 'imagenet'; valid datasets: cifar10, cifar100, digits"):
         num_classes("imagenet")

@@ -200,7 +200,7 @@ def test_the_edges_that_are_allowed_load(tmp_path):
 
 
 @pytest.mark.parametrize("search, needles, absent", [
-    ({"num_sampels": 4}, ("search.num_sampels", "unknown key", "allowed keys: num_samples, max_concurrent, repeats,"
+    ({"num_sampels": 4}, ("search.num_sampels", "unknown key", "allowed keys: num_samples, sampler, max_concurrent, repeats,"
                                                                 " seed, space, scheduler"), ("data", "optim")),
     ({"scheduler": {"grace_perod": 1}}, ("search.scheduler.grace_perod", "allowed keys: type, grace_period, "
                                                                         "reduction_factor"), ()),

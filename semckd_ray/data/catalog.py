@@ -6,12 +6,14 @@ validated against it without importing torch or torchvision (this module imports
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from semckd_ray.errors import UserError
 
 __all__ = ["DatasetInfo", "DATASETS", "dataset_info", "list_datasets", "num_classes", "needs_files",
-           "check_val_size", "train_images"]
+           "check_val_size", "train_images", "check_train_fraction", "check_label_noise", "kept_per_class",
+           "fewest_train_images"]
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,17 @@ class DatasetInfo:
     # ``val_fraction`` of the training images.
     val_images: int | None = None
     val_fraction: float | None = None
-    # Read from ``data.root`` in the layout of the official CIFAR python archive; False: bundled
-    # with a library (scikit-learn's digits).
+    # Read from ``data.root`` in the layout of the official CIFAR python archive.
     cifar_files: bool = False
+    # Read from ``data.root`` in a layout of its own (STL-10's binary files, Tiny ImageNet's JPEG tree).
+    # Neither: bundled with a library (scikit-learn's digits).
+    root_files: bool = False
 
     def __post_init__(self):
         if (self.val_images is None) == (self.val_fraction is None):
             raise ValueError(f"dataset {self.name!r}: give one of val_images and val_fraction")
+        if self.cifar_files and self.root_files:
+            raise ValueError(f"dataset {self.name!r}: cifar_files and root_files exclude each other")
 
     def default_val_size(self, train_size: int) -> int:
         """The size of the val split held out of ``train_size`` training images by default."""
@@ -43,6 +49,12 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
     DatasetInfo("cifar100", "CIFAR-100", num_classes=100, train_size=50000, val_images=5000, cifar_files=True),
     DatasetInfo("cifar10", "CIFAR-10", num_classes=10, train_size=50000, val_images=5000, cifar_files=True),
     DatasetInfo("digits", "digits", num_classes=10, train_size=1437, val_fraction=0.1),
+    # For the transfer (linear probe) study, resized to 32x32 (semckd_ray.data.datasets). The val
+    # split is 10% of the training split (500 / 10000 images); the test split is STL-10's test split
+    # (8000) and Tiny ImageNet's official val split (10000: its test split has no labels).
+    DatasetInfo("stl10", "STL-10", num_classes=10, train_size=5000, val_fraction=0.1, root_files=True),
+    DatasetInfo("tiny_imagenet", "Tiny ImageNet", num_classes=200, train_size=100000, val_fraction=0.1,
+                root_files=True),
 )}
 
 
@@ -65,7 +77,8 @@ def num_classes(name: str) -> int:
 
 def needs_files(name: str) -> bool:
     """Whether dataset ``name`` is read from ``data.root`` (digits comes with scikit-learn)."""
-    return dataset_info(name).cifar_files
+    info = dataset_info(name)
+    return info.cifar_files or info.root_files
 
 
 def check_val_size(name: str, val_size: int | None, train_size: int | None = None) -> None:
@@ -85,3 +98,41 @@ def train_images(name: str, val_size: int | None) -> int:
     info = dataset_info(name)
     val = info.default_val_size(info.train_size) if val_size is None else val_size
     return info.train_size - val
+
+
+def check_train_fraction(fraction: float) -> None:
+    """``data.train_fraction``: the share of each class's training images kept, in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise UserError(f"data.train_fraction must be a number in (0, 1] (the share of each class's training "
+                        f"images kept; 1: all of them), got {fraction!r}")
+
+
+def check_label_noise(rate: float) -> None:
+    """``data.label_noise``: the share of the training labels redrawn at random, in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise UserError(f"data.label_noise must be a number in [0, 1) (the share of the training labels "
+                        f"redrawn at random; 0: clean labels), got {rate!r}")
+
+
+def kept_per_class(fraction: float, images: int) -> int:
+    """How many of a class's ``images`` training images ``data.train_fraction`` keeps: round(f * n),
+    at least 1 (of a class that has any), all of them at f = 1. ``round`` is Python's (half to even)."""
+    if images == 0:
+        return 0
+    return images if fraction >= 1 else max(1, round(fraction * images))
+
+
+def fewest_train_images(name: str, val_size: int | None, fraction: float = 1.0) -> int:
+    """The fewest training images ``data.train_fraction`` can leave, without reading the dataset.
+
+    Exact at fraction 1. Below, the val split is drawn at random, so how many images of each class
+    it leaves is unknown until the files are read; each class keeps round(f * n_c) >= f * n_c - 1/2
+    images and at least 1, so the split holds at least max(C, ceil(f * N - C / 2)) of them (C classes,
+    N images once the val split is held out; a class is assumed to keep at least one image after the
+    val split, as every class of every dataset does at its default val split).
+    """
+    images = train_images(name, val_size)
+    if fraction >= 1:
+        return images
+    classes = min(num_classes(name), images)
+    return max(classes, math.ceil(fraction * images - classes / 2))

@@ -190,8 +190,9 @@ def test_malformed_cifar_file_is_a_user_error_naming_the_file(tmp_path, corrupt,
 
 
 def test_unknown_dataset_lists_the_valid_names(tmp_path):
-    assert list_datasets() == ["cifar10", "cifar100", "digits"]
-    with pytest.raises(UserError, match="unknown dataset 'imagenet'; valid datasets: cifar10, cifar100, digits"):
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "stl10", "tiny_imagenet"]
+    with pytest.raises(UserError, match="unknown dataset 'imagenet'; valid datasets: cifar10, cifar100, digits, "
+                                        "stl10, tiny_imagenet"):
         load_dataset("imagenet", tmp_path)
 
 
