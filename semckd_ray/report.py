@@ -5,19 +5,35 @@ Reads every finished run of an MLflow experiment and writes, into ``--out`` (def
 of a run named ``report`` when the experiment has no sweep):
 
 - ``report.md``: the comparison table as in the SemCKD paper (rows methods, columns teacher->student
-  pairs, cells test top-1 mean +- std over seeds) with the published value beside ours, the average
-  relative improvement (ARI) of SemCKD over each method, and the figures below;
+  pairs, cells test top-1 mean +- std over seeds, with n and the seeds) with the published value
+  beside ours, the average relative improvement (ARI) of SemCKD over each method, the study
+  sections below where such runs exist, and the figures;
 - ``table.csv`` (one line per cell), ``ari.csv``, ``runs.csv`` (the runs behind the cells);
 - ``curves_<pair>.png``: validation top-1 and every loss term per epoch, one line per run;
-- ``attention_<pair>.png``: SemCKD's validation attention at the last epoch, averaged over seeds;
+- ``attention_<pair>[_<config>].png``: SemCKD's validation attention at the last epoch, averaged
+  over the seeds of one config;
 - ``sweep_<name>.png``: each sweep's score (best validation top-1 over the epochs each trial trained)
-  against every searched value, each trial marked by how many epochs it trained (ASHA stops some early).
+  against every searched value, each trial marked by how many epochs it trained (ASHA stops some early);
+- ``fewshot.png``, ``fewshot.csv`` and ``label_noise.png``, ``label_noise.csv``: test top-1 against
+  ``data.train_fraction`` (< 1 on some runs) and ``data.label_noise`` (> 0 on some runs), per pair, a line per method;
+- ``transfer.csv``: transfer runs (tag ``role=transfer``, ``student_run_id``, ``transfer_dataset``),
+  rows students, columns transfer datasets;
+- ``optuna_<sweep>_*``: each sweep's Optuna parameter importances and figures, copied from its
+  parent run's ``optuna/`` artifacts.
 
 Which runs count: finished runs that logged ``test_top1_at_best_val``. A run outside any sweep counts
 as it is. A sweep contributes its best trial only (tag ``best_trial``, chosen on the validation
 split), or that trial's seed runs when it ran several seeds: counting every trial, or the best one
-on test, would turn a search into a better-looking result. The teacher and student rows are the
-``vanilla`` runs of those models on the pair's dataset.
+on test, would turn a search into a better-looking result. The student row is the ``vanilla`` runs
+of the student model on the pair's dataset; the teacher row is the teacher runs the pair's students
+name (tag ``teacher_run_id``; all vanilla runs of the teacher model where none does).
+
+Only seeds of one experiment are averaged (``recipe``): a cell holds the runs of one config, their
+logged params with the seed, storage and bookkeeping aside and, for a student, its teacher run's
+config in place of the checkpoint. Where a method's runs in a column are of several configs, each
+is a row of its own, labelled by the params that differ (``config_labels``: ``epochs=2``, ...). Runs
+on part of the training split or on noisy labels are the studies', not the table's. ARI compares
+only cells that train alike (``comparable``).
 
 A rerun counts once (``select``): runs among those that compute the same training are one
 experiment repeated, not another seed, and only the newest (by start time) counts. The same
@@ -28,7 +44,7 @@ same search and base config is the same experiment too, even where its best tria
 another config (ASHA, concurrency and GPU noise can pick another): its best trial (or seed run of
 a seed) and the earlier sweep's are one result. Every run left out this way is listed, with the
 run that counts instead, in ``report.md`` and in ``runs.csv``'s ``duplicates`` column. This holds
-for the teacher and student rows as well.
+for the student row as well; the teacher row is the runs the students name, counted or not.
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -121,8 +138,13 @@ class Selection:
 
 @dataclass
 class Cell:
+    """The runs of one experiment config (seeds aside) behind a table cell."""
+
     values: list[float] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
+    seeds: list[str] = field(default_factory=list)  # one per value, as logged ("" where a run logged none)
+    params: dict[str, str] = field(default_factory=dict)  # the config the runs share (``recipe``)
+    label: str = ""  # what sets it apart from the other configs of its row and pair ("" when alone)
 
     @property
     def mean(self) -> float:
@@ -132,6 +154,13 @@ class Cell:
     def std(self) -> float:
         """Sample standard deviation over seeds; NaN for a single run."""
         return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+    @property
+    def seeds_text(self) -> str:
+        """The seeds, sorted, comma-separated (``"0,1,2"``); "" unless every run logged one."""
+        if len(self.seeds) != len(self.values) or not all(self.seeds):
+            return ""
+        return ",".join(sorted(self.seeds, key=_natural))
 
 
 def find_experiment(client, name: str):
@@ -279,57 +308,378 @@ def count_once(results: list[Result], by_id: dict[str, Any]) -> Selection:
 
 
 # ------------------------------------------------------------------------------------------
+# What experiment a run is: its config, seed aside
+
+
+FRACTION, NOISE = "data.train_fraction", "data.label_noise"
+STUDY_DEFAULTS = {FRACTION: 1.0, NOISE: 0.0}  # what a run that logged neither (an older run) trained on
+# Params that leave what a training computes as it is, besides the seed: where it stores things, how
+# often it checkpoints, its config's name, what a worker is given, how it evaluates in batches. The
+# teacher checkpoint is replaced by its run's config (below): teachers of one config are seeds of it.
+_NOT_RECIPE = ("seed", "name", "data.root", "data.download", "data.eval_batch_size", "teacher.checkpoint",
+               "scaling.max_failures", "scaling.cpus_per_worker", "scaling.gpus_per_worker")
+_NOT_RECIPE_PREFIXES = ("tracking.", "checkpoint.")
+TEACHER_PREFIX = "teacher_run."  # a student's recipe holds its teacher run's recipe under this prefix
+# Short names for the labels that tell configs apart; the keys of an alias say one thing, and the
+# first of them that differs names it.
+SHORT_NAMES = {"optim.epochs": "epochs", "optim.batch_size": "batch", "optim.batch_size_per_worker": "batch/worker",
+               FRACTION: "fraction", NOISE: "noise", "optim.lr_decay_epochs": "lr decay at",
+               "optim.warmup_epochs": "warmup", "optim.weight_decay": "wd", "teacher.checkpoint": "teacher checkpoint"}
+ALIASES = {"beta": ("method.beta_effective", "method.beta"), "lr": ("optim.lr_effective", "optim.lr"),
+           "workers": ("scaling.world_size", "scaling.num_workers")}
+LABEL_ORDER = ("epochs", "beta", "workers", "batch", "fraction", "noise", "lr")
+# What two cells must agree on to be compared (ARI): the training recipe, not the method.
+_COMPARED_PREFIXES = ("optim.", "data.")
+_COMPARED = ("scaling.num_workers", "scaling.world_size")
+
+
+def _natural(text: str) -> tuple:
+    """Sort key reading the numbers in ``text`` as numbers: "epochs=4" before "epochs=10"."""
+    parts = re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", text)
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts) if p)
+
+
+def study_value(run, key: str) -> float:
+    """The run's ``data.train_fraction`` or ``data.label_noise``; a run that logged none: 1.0 / 0.0."""
+    value = _as_number(run.data.params.get(key))
+    return STUDY_DEFAULTS[key] if value is None else value
+
+
+def is_study(run) -> bool:
+    """Trained on part of the training split or on noisy labels: a study's run, not the main table's."""
+    return study_value(run, FRACTION) < 1.0 or study_value(run, NOISE) > 0.0
+
+
+def teacher_id(run) -> str:
+    """The teacher run a student distilled from: its ``teacher_run_id`` tag, else its ``runs:/`` checkpoint."""
+    tagged = run.data.tags.get("teacher_run_id")
+    if tagged:
+        return tagged
+    checkpoint = run.data.params.get("teacher.checkpoint") or run.data.tags.get("teacher_checkpoint") or ""
+    return checkpoint[len("runs:/"):].partition("/")[0] if checkpoint.startswith("runs:/") else ""
+
+
+def recipe(run, lookup: dict[str, Any] | None = None) -> dict[str, str]:
+    """The experiment config of ``run``: its logged params, seed and bookkeeping aside (``_NOT_RECIPE``).
+
+    Seeds of one experiment share it; runs that differ in it are other experiments and are never
+    averaged. ``data.train_fraction`` and ``data.label_noise`` are always in it (1.0 and 0.0 for a
+    run that did not log them). A student's holds its teacher run's recipe under ``teacher_run.``
+    (the teacher found in ``lookup`` by ``teacher_id``), else its ``teacher.checkpoint``.
+    """
+    params = {k: v for k, v in run.data.params.items()
+              if k not in _NOT_RECIPE and not k.startswith(_NOT_RECIPE_PREFIXES)}
+    for key in STUDY_DEFAULTS:
+        params[key] = str(study_value(run, key))
+    tid = teacher_id(run)
+    teacher = (lookup or {}).get(tid) if tid else None
+    if teacher is not None:
+        params.update({TEACHER_PREFIX + k: v for k, v in recipe(teacher).items()})
+    elif run.data.params.get("teacher.checkpoint") not in (None, "", "None"):
+        params["teacher.checkpoint"] = run.data.params["teacher.checkpoint"]
+    return params
+
+
+def recipe_digest(params: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def short_name(key: str) -> str:
+    if key.startswith(TEACHER_PREFIX):
+        return "teacher " + short_name(key[len(TEACHER_PREFIX):])
+    for name, keys in ALIASES.items():
+        if key in keys:
+            return name
+    if key in SHORT_NAMES:
+        return SHORT_NAMES[key]
+    if key.startswith("method.options."):
+        return key[len("method.options."):]
+    head, _, rest = key.partition(".")
+    return rest if rest and head in ("optim", "method", "data", "scaling") else key
+
+
+def _alias_rank(key: str) -> int | None:
+    bare = key[len(TEACHER_PREFIX):] if key.startswith(TEACHER_PREFIX) else key
+    return next((keys.index(bare) for keys in ALIASES.values() if bare in keys), None)
+
+
+def _label_order(item: tuple[str, str]) -> tuple:
+    name = item[0]
+    teacher = name.startswith("teacher ")
+    bare = name[len("teacher "):] if teacher else name
+    return (teacher, LABEL_ORDER.index(bare) if bare in LABEL_ORDER else len(LABEL_ORDER), bare)
+
+
+def _named(keys: list[str]) -> list[tuple[str, str]]:
+    """(short name, key) for ``keys``: an alias once (its first key there), the batch per worker only
+    without the batch and the workers (it follows from them), full names where two short names clash."""
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        by_name[short_name(key)].append(key)
+    shown: list[tuple[str, str]] = []
+    for name, named in by_name.items():
+        if len(named) == 1:
+            shown.append((name, named[0]))
+        elif all(_alias_rank(k) is not None for k in named):
+            shown.append((name, min(named, key=_alias_rank)))
+        else:
+            shown.extend((k, k) for k in named)
+    names = {name for name, _ in shown}
+    for prefix in ("", "teacher "):
+        if names & {prefix + "batch", prefix + "workers"}:
+            shown = [(n, k) for n, k in shown if n != prefix + "batch/worker"]
+    return sorted(shown, key=_label_order)
+
+
+def label_keys(configs: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """(short name, key) of the params that tell ``configs`` apart, as their labels show them.
+
+    Every param that differs (one that a config did not log shows as ``unset``), the teacher's
+    among them where all logged it; of the teacher params only some logged (a teacher run found for
+    some students only), where the others do not tell the configs apart, the fewest, the common
+    ones (epochs, beta, ...) first. ``method.options`` (``{}`` where empty) gives way to its keys.
+    """
+    keys = sorted({k for c in configs for k in c})
+    differing = [k for k in keys if len({c.get(k) for c in configs}) > 1]
+    teachers = (TEACHER_PREFIX, "teacher.checkpoint")  # the teacher run's config, or its checkpoint without it
+    chosen = [k for k in differing if not k.startswith(teachers) or all(k in c for c in configs)]
+    if any(k.startswith("method.options.") for k in chosen):
+        chosen = [k for k in chosen if k != "method.options"]
+
+    def distinct(ks: list[str]) -> int:
+        return len({tuple(c.get(k) for k in ks) for c in configs})
+
+    target = distinct(differing)
+    for key in sorted((k for k in differing if k not in chosen), key=lambda k: (_label_order((short_name(k), k)), k)):
+        if distinct(chosen) == target:
+            break
+        if distinct([*chosen, key]) > distinct(chosen):
+            chosen.append(key)
+    return _named(chosen)
+
+
+def merged_label_keys(lists: list[list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """The union of several ``label_keys``, a short name once: what labels a row's configs in every column."""
+    shown: dict[str, str] = {}
+    for name, key in (item for keys in lists for item in keys):
+        shown.setdefault(name, key)
+    return sorted(shown.items(), key=_label_order)
+
+
+def _value_text(value: str | None) -> str:
+    if value is None:
+        return "unset"
+    return value if len(value) <= 24 else value[:23] + "…"
+
+
+def config_labels(configs: list[dict[str, str]], shown: list[tuple[str, str]] | None = None) -> list[str]:
+    """One label per config, saying what sets it apart (``epochs=2, beta=50.0``): the params of ``shown``
+    (default: ``label_keys(configs)``); "" for a config alone."""
+    if shown is None:
+        if len(configs) < 2:
+            return [""] * len(configs)
+        shown = label_keys(configs)
+    labels = [", ".join(f"{name}={_value_text(c.get(key))}" for name, key in shown) for c in configs]
+    for i, label in enumerate(labels):  # never two alike (a difference a label cannot show)
+        if labels.count(label) > 1 or (not label and len(configs) > 1):
+            labels[i] = f"{label + ', ' if label else ''}config {recipe_digest(configs[i])[:8]}"
+    return labels
+
+
+@dataclass
+class Group:
+    """Items (runs) of one recipe, and what sets it apart from the other groups it was split from."""
+
+    label: str
+    params: dict[str, str]
+    items: list[Any]
+
+
+def group_by_recipe(items: list, params_of) -> list[tuple[dict[str, str], list]]:
+    """``items`` by the digest of ``params_of(item)``, in the order first seen."""
+    groups: dict[str, tuple[dict[str, str], list]] = {}
+    for item in items:
+        params = params_of(item)
+        groups.setdefault(recipe_digest(params), (params, []))[1].append(item)
+    return list(groups.values())
+
+
+def labelled(groups: list[tuple[dict[str, str], list]], shown: list[tuple[str, str]] | None = None) -> list[Group]:
+    """Each group with its label (``config_labels``), in the labels' natural order."""
+    labels = config_labels([params for params, _ in groups], shown)
+    return sorted((Group(label, params, items) for label, (params, items) in zip(labels, groups)),
+                  key=lambda g: _natural(g.label))
+
+
+def _cell(group: Group) -> Cell:
+    rs = group.items
+    return Cell([r.value for r in rs], [r.run_id for r in rs], [r.seed for r in rs], group.params, group.label)
+
+
+def comparable(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether two configs train alike (``optim.*``, ``data.*``, the workers) where both logged the key."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys() if k.startswith(_COMPARED_PREFIXES) or k in _COMPARED)
+
+
+# ------------------------------------------------------------------------------------------
 # The table
+
+
+@dataclass(frozen=True, order=True)
+class Row:
+    """A row of the table: a method ("student", "teacher", or a method name) and the config's label."""
+
+    method: str
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        base = ROW_TITLES.get(self.method, self.method)
+        if not self.label:
+            return base
+        return f"{base[:-1]}, {self.label})" if base.endswith(")") else f"{base} ({self.label})"
+
+
+def _as_row(row: Row | str) -> Row:
+    return row if isinstance(row, Row) else Row(row)
+
+
+def _row_order(row: Row) -> tuple:
+    m = row.method
+    return (m == "semckd", ROW_ORDER.index(m) if m in ROW_ORDER else 99, m, _natural(row.label))
 
 
 @dataclass
 class Table:
     pairs: list[Pair]
-    rows: list[str]  # "student", "teacher", then methods
-    cells: dict[tuple[str, Pair], Cell]
+    rows: list[Row]  # "student", "teacher", then methods; a method once per config label it has
+    cells: dict[tuple[Row, Pair], Cell]
     paper: dict[str, Any]
+    notes: list[str] = field(default_factory=list)  # which teacher runs the teacher row is, where it needs saying
+    row_of: dict[tuple[str, Pair], Row] = field(default_factory=dict)  # (run id, pair) -> the row it counts in
 
-    def paper_cell(self, row: str, pair: Pair) -> dict[str, float] | None:
+    def __post_init__(self):
+        self.rows = [_as_row(r) for r in self.rows]
+        self.cells = {(_as_row(r), p): c for (r, p), c in self.cells.items()}
+
+    def paper_cell(self, row: Row | str, pair: Pair) -> dict[str, float] | None:
         if pair.dataset != self.paper["dataset"]:
             return None
-        return self.paper["rows"].get(row, {}).get(pair.name)
+        return self.paper["rows"].get(_as_row(row).method, {}).get(pair.name)
 
     @property
     def has_paper_pairs(self) -> bool:
         return any(p.dataset == self.paper["dataset"] and p.name in self.paper["pairs"] for p in self.pairs)
 
-    def means(self, row: str) -> dict[Pair, float]:
+    def means(self, row: Row | str) -> dict[Pair, float]:
+        row = _as_row(row)
         return {p: c.mean for (r, p), c in self.cells.items() if r == row and c.values}
+
+    def cells_of(self, method: str, pair: Pair) -> list[Cell]:
+        """The cells of every config of ``method`` in ``pair``'s column."""
+        return [c for (r, p), c in self.cells.items() if r.method == method and p == pair and c.values]
 
 
 def load_paper() -> dict[str, Any]:
     return json.loads(PAPER_FILE.read_text())
 
 
-def build_table(results: list[Result], paper: dict[str, Any]) -> Table:
-    cells: dict[tuple[str, Pair], Cell] = defaultdict(Cell)
+def build_table(results: list[Result], paper: dict[str, Any], lookup: dict[str, Any] | None = None) -> Table:
+    """The comparison table of ``results`` (study runs aside: ``is_study``), one cell per config.
+
+    ``lookup`` maps run ids to runs (every run of the experiment, and the teachers named from
+    elsewhere): where the teacher row's runs and the students' teachers' configs come from.
+    """
+    lookup = {r.run_id: r.run for r in results} if lookup is None else lookup
+    recipes: dict[str, dict[str, str]] = {}
+
+    def recipe_of(r: Result) -> dict[str, str]:
+        if r.run_id not in recipes:
+            recipes[r.run_id] = recipe(r.run, lookup)
+        return recipes[r.run_id]
+
+    by_cell: dict[tuple[str, Pair], list[Result]] = defaultdict(list)
     vanilla: dict[tuple[str, str], list[Result]] = defaultdict(list)
     for r in results:
+        if is_study(r.run):
+            continue
         if r.method == BASELINE_METHOD:
             vanilla[r.dataset, r.model].append(r)
         else:
-            pair = Pair(r.dataset, r.teacher, r.model)
-            cells[r.method, pair].values.append(r.value)
-            cells[r.method, pair].run_ids.append(r.run_id)
+            by_cell[r.method, Pair(r.dataset, r.teacher, r.model)].append(r)
     paper_order = {name: i for i, name in enumerate(paper["pairs"])}
-    pairs = sorted({p for _, p in cells}, key=lambda p: (p.dataset != paper["dataset"],
-                                                          paper_order.get(p.name, len(paper_order)), p))
-    for pair in pairs:
-        for row, model in (("student", pair.student), ("teacher", pair.teacher)):
-            for r in vanilla.get((pair.dataset, model), []):
-                cells[row, pair].values.append(r.value)
-                cells[row, pair].run_ids.append(r.run_id)
-    table = Table(pairs, [], dict(cells), paper)
-    methods = {m for m, _ in cells} | {"student", "teacher"}
+    pairs = sorted({p for _, p in by_cell}, key=lambda p: (p.dataset != paper["dataset"],
+                                                           paper_order.get(p.name, len(paper_order)), p))
+    table = Table(pairs, [], {}, paper)
+
+    def place(method: str, cells: dict[Pair, list[Result]]) -> None:
+        """The cells of a row's method: where a column has several configs, every column's are labelled
+        by what differs there, so that a row is one config across the columns."""
+        grouped = {pair: group_by_recipe(rs, recipe_of) for pair, rs in cells.items() if rs}
+        shown = merged_label_keys([label_keys([p for p, _ in groups]) for groups in grouped.values()
+                                   if len(groups) > 1])
+        for pair, groups in grouped.items():
+            for group in labelled(groups, shown or None):
+                row = Row(method, group.label)
+                table.cells[row, pair] = _cell(group)
+                for r in group.items:
+                    table.row_of[r.run_id, pair] = row
+
+    for method in dict.fromkeys(m for m, _ in by_cell):
+        place(method, {p: rs for (m, p), rs in by_cell.items() if m == method})
+    place("student", {pair: vanilla.get((pair.dataset, pair.student), []) for pair in pairs})
+    place("teacher", {pair: _teachers(table, pair, [r for (_, p), rs in by_cell.items() if p == pair for r in rs],
+                                      lookup, vanilla) for pair in pairs})
+    rows = set(r for r, _ in table.cells)
+    methods = {"student", "teacher"}
     if table.has_paper_pairs:
         methods |= set(paper["rows"])  # the paper's rows, for context, where a column is the paper's
-    table.rows = sorted(methods, key=lambda m: (m == "semckd", ROW_ORDER.index(m) if m in ROW_ORDER else 99, m))
+    rows |= {Row(m) for m in methods if not any(r.method == m for r in rows)}
+    table.rows = sorted(rows, key=_row_order)
     return table
+
+
+def _teachers(table: Table, pair: Pair, students: list[Result], lookup: dict[str, Any],
+              vanilla: dict[tuple[str, str], list[Result]]) -> list[Result]:
+    """The teacher row's runs of ``pair``: those its students name (``teacher_id``), noted in ``table.notes``.
+
+    Where no student names its teacher (older runs), every vanilla run of the teacher's model.
+    """
+    where = f"{pair.name} ({pair.dataset})"
+    named: dict[str, list[Result]] = defaultdict(list)
+    unnamed = []
+    for s in students:
+        tid = teacher_id(s.run)
+        (named[tid] if tid else unnamed).append(s)
+    if not named:
+        table.notes.append(f"{where}: no student run names its teacher run (tag `teacher_run_id`); the teacher "
+                           f"row is every vanilla {pair.teacher} run on {pair.dataset}.")
+        return vanilla.get((pair.dataset, pair.teacher), [])
+
+    def users(rs: list[Result]) -> str:
+        rows: dict[str, list[str]] = defaultdict(list)
+        for r in rs:
+            rows[table.row_of[r.run_id, pair].title].append(r.seed or "?")
+        return "; ".join(f"{title} seed{'s' * (len(s) > 1)} {','.join(sorted(s, key=_natural))}"
+                         for title, s in sorted(rows.items()))
+
+    found = []
+    for tid, rs in sorted(named.items()):
+        run = lookup.get(tid)
+        value = run.data.metrics.get(METRIC, math.nan) if run is not None else math.nan
+        if run is None or not math.isfinite(value):
+            why = "is not in this tracking store" if run is None else f"has no `{METRIC}`"
+            table.notes.append(f"{where}: teacher run `{tid}` ({users(rs)}) {why}; the teacher row leaves it out.")
+            continue
+        found.append(Result(run, BASELINE_METHOD, run.data.tags.get("student", pair.teacher), "",
+                            run.data.tags.get("dataset", pair.dataset), run.data.params.get("seed", ""), value))
+    if len(named) > 1:
+        table.notes.append(f"{where}: the students distilled from {len(named)} teacher runs: "
+                           + "; ".join(f"`{tid}` ({users(rs)})" for tid, rs in sorted(named.items())) + ".")
+    if unnamed:
+        table.notes.append(f"{where}: {len(unnamed)} student run(s) name no teacher run (no `teacher_run_id`): "
+                           f"{users(unnamed)}.")
+    return found
 
 
 def average_relative_improvement(semckd: dict, method: dict, student: dict) -> tuple[float, int]:
@@ -344,14 +694,39 @@ def average_relative_improvement(semckd: dict, method: dict, student: dict) -> t
     return (100.0 * statistics.fmean(ratios), len(ratios)) if ratios else (math.nan, 0)
 
 
+def ari_cells(table: Table, method: str, pair: Pair) -> tuple[Cell, Cell, Cell] | str:
+    """The SemCKD, ``method`` and student cells of ``pair`` that ARI compares, or why there are none.
+
+    Comparable cells train alike (``comparable``: epochs, batch, data, workers); of the configs in the
+    column, exactly one such choice must exist: "missing" (a row has no run), "not comparable" (no
+    choice trains alike) or "ambiguous" (several do) otherwise.
+    """
+    cells = [table.cells_of(m, pair) for m in ("semckd", method, "student")]
+    if not all(cells):
+        return "missing"
+    choices = [(s, m, b) for s in cells[0] for m in cells[1] for b in cells[2]
+               if comparable(s.params, m.params) and comparable(s.params, b.params) and comparable(m.params, b.params)]
+    if len(choices) == 1:
+        return choices[0]
+    return "ambiguous" if choices else "not comparable"
+
+
 def ari_rows(table: Table) -> list[dict[str, Any]]:
-    semckd, student = table.means("semckd"), table.means("student")
     rows = []
-    for method in table.rows:
+    for method in dict.fromkeys(r.method for r in table.rows):
         if method in ("student", "teacher", "semckd"):
             continue
-        ours, n = average_relative_improvement(semckd, table.means(method), student)
-        rows.append({"method": method, "ari_percent": ours, "pairs": n,
+        semckd, ours, student = {}, {}, {}
+        left_out = []
+        for pair in table.pairs:
+            chosen = ari_cells(table, method, pair)
+            if isinstance(chosen, str):
+                if chosen != "missing":
+                    left_out.append(f"{pair.name} ({chosen})")
+                continue
+            semckd[pair], ours[pair], student[pair] = (c.mean for c in chosen)
+        ari, n = average_relative_improvement(semckd, ours, student)
+        rows.append({"method": method, "ari_percent": ari, "pairs": n, "pairs_left_out": "; ".join(left_out),
                      "paper_ari_percent": table.paper["ari_percent"].get(method, math.nan)
                      if table.has_paper_pairs else math.nan})
     return rows
@@ -369,33 +744,53 @@ def _mean_std(mean: float, std: float | None) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None and math.isfinite(std) else f"{mean:.2f}"
 
 
-def cell_text(table: Table, row: str, pair: Pair) -> str:
-    cell = table.cells.get((row, pair))
-    ours = f"{_mean_std(cell.mean, cell.std)} (n={len(cell.values)})" if cell and cell.values else "–"
+def cell_summary(cell: Cell | None) -> str:
+    """``73.40 ± 0.20 (n=3: 0,1,2)``: mean ± std, the number of runs and their seeds; "–" without a run."""
+    if cell is None or not cell.values:
+        return "–"
+    seeds = cell.seeds_text
+    return f"{_mean_std(cell.mean, cell.std)} (n={len(cell.values)}{': ' + seeds if seeds else ''})"
+
+
+def cell_text(table: Table, row: Row | str, pair: Pair) -> str:
+    ours = cell_summary(table.cells.get((_as_row(row), pair)))
     paper = table.paper_cell(row, pair)
     return ours if paper is None else f"{ours} · paper {_mean_std(paper['mean'], paper['std'])}"
 
 
+def _ari_text(a: dict[str, Any]) -> str:
+    text = f"{_num(a['ari_percent'])}% ({a['pairs']} pair{'s' * (a['pairs'] > 1)})" if a["pairs"] else "–"
+    if a.get("pairs_left_out"):
+        text += f", left out: {a['pairs_left_out']}"
+    if math.isfinite(a["paper_ari_percent"]):
+        text += f" · paper {a['paper_ari_percent']:.2f}%"
+    return text
+
+
 def markdown_table(table: Table, ari: list[dict[str, Any]]) -> str:
+    """Rows methods (a method once per config where a column has several), columns pairs, ARI last.
+
+    A method's ARI stands on its first row.
+    """
     ari_by_method = {a["method"]: a for a in ari}
     several_datasets = len({p.dataset for p in table.pairs}) > 1
     header = ["Method", *(p.name + (f" ({p.dataset})" if several_datasets else "") for p in table.pairs), "ARI"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     finite = [a["ari_percent"] for a in ari if a["pairs"]]
+    seen: set[str] = set()
     for row in table.rows:
-        a = ari_by_method.get(row)
-        if row == "semckd":
+        first = row.method not in seen
+        seen.add(row.method)
+        a = ari_by_method.get(row.method)
+        if not first:
+            ari_text = ""
+        elif row.method == "semckd":
             ari_text = f"avg {statistics.fmean(finite):.2f}%" if finite else "–"
             if table.has_paper_pairs:
                 ari_text += f" · paper avg {table.paper['ari_average_percent']:.2f}%"
-        elif a is None:
-            ari_text = ""
         else:
-            ari_text = f"{_num(a['ari_percent'])}% ({a['pairs']} pair{'s' * (a['pairs'] > 1)})" if a["pairs"] else "–"
-            if math.isfinite(a["paper_ari_percent"]):
-                ari_text += f" · paper {a['paper_ari_percent']:.2f}%"
-        title = ROW_TITLES.get(row, row)
-        title = f"**{title}**" if row == "semckd" else title
+            ari_text = "" if a is None else _ari_text(a)
+        title = f"**{row.title}**" if row.method == "semckd" else row.title
         lines.append("| " + " | ".join([title, *(cell_text(table, row, p) for p in table.pairs), ari_text]) + " |")
     return "\n".join(lines)
 
@@ -429,8 +824,12 @@ def curve_keys(runs: list) -> list[str]:
     return ["val_top1", *sorted(losses, key=lambda k: (k == "train_total", k))]
 
 
-def plot_curves(client, results: list[Result], title: str, path: Path) -> Path:
-    """One panel per ``curve_keys``; a colour per method (or vanilla model), a line style per run of it."""
+def plot_curves(client, results: list[Result], title: str, path: Path,
+                labels: dict[str, str] | None = None) -> Path:
+    """One panel per ``curve_keys``; a colour per method (or vanilla model), a line style per run of it.
+
+    ``labels``: a run's legend entry (its row, config label included) by run id; by default its method.
+    """
     from matplotlib.ticker import MaxNLocator
 
     keys = curve_keys([r.run for r in results])
@@ -438,8 +837,10 @@ def plot_curves(client, results: list[Result], title: str, path: Path) -> Path:
     colors: dict[str, str] = {}
     drawn: dict[str, int] = defaultdict(int)
     order = {row: i for i, row in enumerate(ROW_ORDER)}
-    for r in sorted(results, key=lambda r: (order.get(r.method, len(order)), r.model, r.seed)):
+    for r in sorted(results, key=lambda r: (order.get(r.method, len(order)), r.model, (labels or {}).get(r.run_id, ""),
+                                            _natural(r.seed))):
         label = ROW_TITLES.get(r.method, r.method) if r.method != BASELINE_METHOD else f"{r.model} (vanilla)"
+        label = (labels or {}).get(r.run_id, label)
         style = dict(color=colors.setdefault(label, f"C{len(colors) % 10}"), marker=".",
                      linestyle=("-", "--", ":", "-.")[drawn[label] % 4], label=f"{label} seed {r.seed}")
         drawn[label] += 1
@@ -593,6 +994,291 @@ def final_attention(results: list[Result]):
 
 
 # ------------------------------------------------------------------------------------------
+# Studies: few-shot and label noise, transfer, and Optuna's view of a sweep
+
+
+def pair_title(pair: Pair) -> str:
+    """``resnet14->resnet8``; a model trained without a teacher by its name alone."""
+    return pair.name if pair.teacher else pair.student
+
+
+@dataclass
+class StudyLine:
+    """One method and config of a pair, at every value of the study's param it trained with."""
+
+    pair: Pair
+    row: Row
+    points: dict[float, Cell]  # the param's value -> the runs at it
+
+
+@dataclass
+class Study:
+    key: str  # FRACTION or NOISE
+    name: str  # "few-shot", "label noise"
+    pairs: list[Pair]
+    lines: list[StudyLine]
+
+    @property
+    def values(self) -> list[float]:
+        return sorted({v for line in self.lines for v in line.points})
+
+
+STUDIES = {FRACTION: ("few-shot", "fraction of the training split", "fewshot"),
+           NOISE: ("label noise", "label noise rate", "label_noise")}
+
+
+def build_study(results: list[Result], key: str, lookup: dict[str, Any]) -> Study | None:
+    """The runs of a study on ``key`` (``data.train_fraction`` or ``data.label_noise``), None without one.
+
+    Every counted run is a point at its value of ``key`` (1.0 / 0.0 for a run without it); a line is
+    a method of a pair (the vanilla student runs of the pair's student included) at one config, that
+    param aside; only lines with a point away from the default (fraction < 1, noise > 0) are drawn,
+    and with their default point as the reference.
+    """
+    default = STUDY_DEFAULTS[key]
+
+    def recipe_of(r: Result) -> dict[str, str]:
+        params = recipe(r.run, lookup)
+        params.pop(key, None)
+        return params
+
+    panels: dict[Pair, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
+    students = [r for r in results if r.method != BASELINE_METHOD]
+    pairs = {Pair(r.dataset, r.teacher, r.model) for r in students}
+    for r in students:
+        panels[Pair(r.dataset, r.teacher, r.model)][r.method].append(r)
+    for r in results:
+        if r.method == BASELINE_METHOD:
+            for pair in [p for p in pairs if (p.dataset, p.student) == (r.dataset, r.model)] or [
+                    Pair(r.dataset, "", r.model)]:
+                panels[pair]["student"].append(r)
+    lines = []
+    for pair, methods in panels.items():
+        for method, rs in methods.items():
+            groups = [(params, items) for params, items in group_by_recipe(rs, recipe_of)
+                      if any(study_value(r.run, key) != default for r in items)]
+            for group in labelled(groups):
+                at: dict[float, list[Result]] = defaultdict(list)
+                for r in group.items:
+                    at[study_value(r.run, key)].append(r)
+                points = {v: _cell(Group(group.label, group.params, at[v])) for v in sorted(at)}
+                lines.append(StudyLine(pair, Row(method, group.label), points))
+    if not lines:
+        return None
+    lines.sort(key=lambda line: (line.pair, _row_order(line.row)))
+    return Study(key, STUDIES[key][0], sorted({line.pair for line in lines}), lines)
+
+
+def study_figure(study: Study):
+    """Test top-1 against the study's param, a panel per pair, a line per method (error bars: std)."""
+    fig, axes = _figure(len(study.pairs))
+    for ax, pair in zip(axes, study.pairs):
+        for line in (line for line in study.lines if line.pair == pair):
+            xs = sorted(line.points)
+            ys = [line.points[x].mean for x in xs]
+            err = [line.points[x].std if math.isfinite(line.points[x].std) else 0.0 for x in xs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=line.row.title)
+        ax.set_title(f"{pair_title(pair)} ({pair.dataset})", fontsize=10)
+        ax.set_xlabel(STUDIES[study.key][1])
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{study.name}: {METRIC},\nmean ± std over seeds", fontsize=9)
+    return fig
+
+
+def _value_header(study: Study, value: float) -> str:
+    return f"{short_name(study.key)} {value:g}"
+
+
+def study_markdown(study: Study, figure: Path | None) -> list[str]:
+    """Few-shot: a table per pair, methods as rows and fractions as columns; label noise: noise rates
+    as rows and methods side by side."""
+    param = f"`{study.key}`"
+    what = ("trained on part of the training split" if study.key == FRACTION else
+            "trained with that fraction of the training labels made noisy")
+    lines = [f"## {study.name[0].upper() + study.name[1:]}", "",
+             f"Runs {what} ({param}; a run that did not log it counts as "
+             f"{STUDY_DEFAULTS[study.key]:g}), beside the runs at {STUDY_DEFAULTS[study.key]:g} of the same config "
+             f"as the reference. Cells: `{METRIC}`, mean ± std over seeds (n: seeds). Rows that differ in more "
+             "than this param are kept apart and labelled by what differs.", ""]
+    for pair in study.pairs:
+        mine = [line for line in study.lines if line.pair == pair]
+        values = sorted({v for line in mine for v in line.points})
+        lines += [f"### {pair_title(pair)} ({pair.dataset})", ""]
+        if study.key == FRACTION:
+            header = ["Method", *(_value_header(study, v) for v in values)]
+            body = [[line.row.title, *(cell_summary(line.points.get(v)) for v in values)] for line in mine]
+        else:
+            header = [short_name(study.key), *(line.row.title for line in mine)]
+            body = [[f"{v:g}", *(cell_summary(line.points.get(v)) for line in mine)] for v in values]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                  *("| " + " | ".join(cells) + " |" for cells in body), ""]
+    if figure is not None:
+        lines += [f"![{study.name}]({figure.name})", ""]
+    return lines
+
+
+def _study_lines(study: Study) -> list[dict[str, Any]]:
+    return [{"dataset": line.pair.dataset, "pair": pair_title(line.pair), "teacher": line.pair.teacher,
+             "student": line.pair.student, "row": line.row.method, "config": line.row.label, study.key: f"{v:g}",
+             "n": len(c.values), "seeds": " ".join(sorted(c.seeds, key=_natural)), "mean": _num(c.mean, 4),
+             "std": _num(c.std, 4), "run_ids": " ".join(c.run_ids)}
+            for line in study.lines for v, c in line.points.items()]
+
+
+TRANSFER_METRICS = (METRIC, "test_top1")  # the headline, then the last epoch's
+
+
+@dataclass
+class Transfer:
+    """Transfer runs (tag role=transfer) by the student they evaluate: rows students, columns datasets."""
+
+    datasets: list[str]
+    rows: list[tuple[Pair, Row]]
+    cells: dict[tuple[Pair, Row, str], dict[str, Cell]]  # metric -> its cell
+    student_ids: dict[tuple[Pair, Row, str], list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def build_transfer(runs: list, lookup: dict[str, Any]) -> Transfer | None:
+    """The transfer table: finished runs tagged role=transfer, each evaluating the training run of its
+    ``student_run_id`` tag on its ``transfer_dataset``; None without one.
+
+    A row is a student's method, pair and config (its seeds are the cell's runs, split like the main
+    table); one transfer run counts per student and dataset (the newest).
+    """
+    newest: dict[tuple[str, str], Any] = {}
+    for run in runs:
+        tags = run.data.tags
+        if (tags.get("role") != "transfer" or run.info.status != "FINISHED"
+                or not math.isfinite(run.data.metrics.get(METRIC, math.nan))):
+            continue
+        k = (tags.get("student_run_id", ""), tags.get("transfer_dataset", "?"))
+        started = (run.info.start_time or 0, run.info.end_time or 0, run.info.run_id)
+        if k not in newest or started > (newest[k].info.start_time or 0, newest[k].info.end_time or 0,
+                                         newest[k].info.run_id):
+            newest[k] = run
+    if not newest:
+        return None
+    notes = []
+    items: list[tuple[Result, str, Any]] = []  # (the student, the transfer dataset, the transfer run)
+    for (sid, dataset), run in sorted(newest.items()):
+        student = lookup.get(sid)
+        if student is None:
+            notes.append(f"transfer run `{run.info.run_id}` ({dataset}) names student run `{sid or '?'}`, which is "
+                         "not in this tracking store; left out.")
+            continue
+        tags = student.data.tags
+        items.append((Result(student, tags.get("method", ""), tags.get("student", ""), tags.get("teacher", ""),
+                             tags.get("dataset", ""), student.data.params.get("seed", ""), math.nan), dataset, run))
+    by_pair: dict[tuple[Pair, str], list] = defaultdict(list)
+    for item in items:
+        s = item[0]
+        vanilla = s.method == BASELINE_METHOD
+        by_pair[Pair(s.dataset, "" if vanilla else s.teacher, s.model), "student" if vanilla else s.method].append(item)
+    table = Transfer([], [], {}, {}, notes)
+    recipes: dict[str, dict[str, str]] = {}
+    for (pair, method), group_items in by_pair.items():
+        def recipe_of(item) -> dict[str, str]:
+            sid = item[0].run_id
+            return recipes.setdefault(sid, recipe(item[0].run, lookup))
+
+        for group in labelled(group_by_recipe(group_items, recipe_of)):
+            row = Row(method, group.label)
+            table.rows.append((pair, row))
+            for s, dataset, run in group.items:
+                cells = table.cells.setdefault((pair, row, dataset), {m: Cell() for m in TRANSFER_METRICS})
+                for metric, cell in cells.items():
+                    value = run.data.metrics.get(metric, math.nan)
+                    if math.isfinite(value):
+                        cell.values.append(value)
+                        cell.run_ids.append(run.info.run_id)
+                        cell.seeds.append(s.seed)
+                table.student_ids.setdefault((pair, row, dataset), []).append(s.run_id)
+    table.rows.sort(key=lambda pr: (pr[0], _row_order(pr[1])))
+    table.datasets = sorted({d for _, _, d in table.cells})
+    return table
+
+
+def transfer_markdown(transfer: Transfer) -> list[str]:
+    lines = ["## Transfer", "",
+             f"Each trained student evaluated on another dataset by a transfer run (tag `role=transfer`, "
+             f"`student_run_id`, `transfer_dataset`). Cells: the transfer runs' `{METRIC}`, mean ± std over the "
+             "students' seeds (n: seeds); `transfer.csv` has their `test_top1` as well.", ""]
+    header = ["Student (trained on)", *transfer.datasets]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for pair, row in transfer.rows:
+        cells = [cell_summary(transfer.cells.get((pair, row, d), {}).get(METRIC)) for d in transfer.datasets]
+        lines.append(f"| {row.title}, {pair_title(pair)} ({pair.dataset}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [*(f"- {note}" for note in transfer.notes), *([""] if transfer.notes else [])]
+    return lines
+
+
+def _transfer_lines(transfer: Transfer) -> list[dict[str, Any]]:
+    lines = []
+    for (pair, row, dataset), cells in transfer.cells.items():
+        head, top1 = cells[METRIC], cells["test_top1"]
+        lines.append({"dataset": pair.dataset, "teacher": pair.teacher, "student": pair.student, "row": row.method,
+                      "config": row.label, "transfer_dataset": dataset, "n": len(head.values),
+                      "seeds": " ".join(sorted(head.seeds, key=_natural)), "mean": _num(head.mean, 4),
+                      "std": _num(head.std, 4), "test_top1_mean": _num(top1.mean, 4),
+                      "test_top1_std": _num(top1.std, 4), "run_ids": " ".join(head.run_ids),
+                      "student_run_ids": " ".join(transfer.student_ids[pair, row, dataset])})
+    return sorted(lines, key=lambda x: (x["dataset"], x["teacher"], x["student"], x["row"], x["config"],
+                                        x["transfer_dataset"]))
+
+
+OPTUNA_FILES = ("optuna/param_importances.csv", "optuna/param_importances.png", "optuna/history.png")
+
+
+def optuna_markdown(client, sweeps: list, out: Path) -> tuple[list[str], list[Path]]:
+    """A section per sweep: Optuna's parameter importances (the parent run's ``optuna/param_importances.csv``)
+    and its two figures, copied into ``out``; a sweep without them (an older one) says so."""
+    if not sweeps:
+        return [], []
+    lines = ["## Sweeps as Optuna saw them", "",
+             "Per sweep, the importance Optuna gives each searched parameter (its share of the score's variance "
+             "across the trials: fANOVA) and its figures, from the sweep's parent run (`optuna/`).", ""]
+    files: list[Path] = []
+    for sweep in sweeps:
+        run_id = sweep.info.run_id
+        name = sweep.info.run_name or run_id
+        lines += [f"### Sweep {name}", ""]
+        try:
+            logged = {a.path for a in client.list_artifacts(run_id, "optuna")}
+        except Exception:  # an artifact store out of reach: as if none
+            logged = set()
+        present = [p for p in OPTUNA_FILES if p in logged]
+        if not present:
+            lines += [f"Sweep `{name}` (run `{run_id}`) has no Optuna artifacts (`{'`, `'.join(OPTUNA_FILES)}`): "
+                      "it ran before sweeps logged them.", ""]
+            continue
+        copied: dict[str, Path] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in present:
+                local = Path(client.download_artifacts(run_id, path, tmp))
+                target = out / f"optuna_{_slug(name)}_{Path(path).name}"
+                target.write_bytes(local.read_bytes())
+                copied[path] = target
+        files.extend(copied.values())
+        if OPTUNA_FILES[0] in copied:
+            with open(copied[OPTUNA_FILES[0]], newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("param")]
+            rows.sort(key=lambda r: -(_as_number(r.get("importance")) or 0.0))
+            lines += ["| searched parameter | importance |", "|---|---|",
+                      *(f"| `{r['param']}` | {_num(_as_number(r.get('importance')), 3) or r.get('importance', '')} |"
+                        for r in rows), ""]
+        else:
+            lines += [f"Sweep `{name}` logged no `{OPTUNA_FILES[0]}`.", ""]
+        for path, caption in ((OPTUNA_FILES[1], "parameter importances"), (OPTUNA_FILES[2], "optimization history")):
+            if path in copied:
+                lines += [f"![{name}: {caption}]({copied[path].name})", ""]
+    return lines, files
+
+
+# ------------------------------------------------------------------------------------------
 # The report
 
 
@@ -606,10 +1292,23 @@ class Report:
     files: list[Path]
     logged_to: str | None = None
     reruns: list[Rerun] = field(default_factory=list)  # runs left out as reruns of a counted one
+    studies: list[Study] = field(default_factory=list)  # few-shot, label noise: those with runs
+    transfer: Transfer | None = None
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.replace("->", "_to_"))
+
+
+def _lookup(client, runs: list, wanted: set[str]) -> dict[str, Any]:
+    """Runs by id: the experiment's, and those of ``wanted`` (teachers, students) found elsewhere in the store."""
+    lookup = {r.info.run_id: r for r in runs}
+    for run_id in sorted(wanted - set(lookup)):
+        try:
+            lookup[run_id] = client.get_run(run_id)
+        except Exception:  # deleted, or not in this store: the report says so where it matters
+            pass
+    return lookup
 
 
 def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
@@ -623,36 +1322,56 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
             f"experiment {experiment_name!r} has no finished training run with {METRIC!r} "
             f"({len(runs)} run(s) in all); train one first (python -m semckd_ray.train ...)"
         )
+    wanted = {teacher_id(r.run) for r in results} | {
+        r.data.tags.get("student_run_id", "") for r in runs if r.data.tags.get("role") == "transfer"}
+    lookup = _lookup(client, runs, wanted - {""})
+    for r in list(lookup.values()):  # the teachers of students found elsewhere
+        if (tid := teacher_id(r)) and tid not in lookup:
+            lookup.update(_lookup(client, [], {tid}))
     paper = load_paper()
-    table = build_table(results, paper)
+    table = build_table(results, paper, lookup)
     ari = ari_rows(table)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
 
-    by_pair: dict[Pair, list[Result]] = defaultdict(list)
-    for r in results:
-        if r.method != BASELINE_METHOD:
-            by_pair[Pair(r.dataset, r.teacher, r.model)].append(r)
+    main_results = [r for r in results if not is_study(r.run)]
     figures: list[tuple[str, Path]] = []
     for pair in table.pairs:
-        students = [r for r in results
-                    if r.method == BASELINE_METHOD and (r.dataset, r.model) == (pair.dataset, pair.student)]
-        path = plot_curves(client, by_pair[pair] + students, f"{pair.name} on {pair.dataset}",
-                           out / f"curves_{_slug(pair.dataset + '_' + pair.name)}.png")
+        in_pair = [r for r in main_results if (r.run_id, pair) in table.row_of and r.method != BASELINE_METHOD]
+        students = [r for r in main_results if r.method == BASELINE_METHOD
+                    and (r.dataset, r.model) == (pair.dataset, pair.student)]
+        labels = {r.run_id: table.row_of[r.run_id, pair].title for r in in_pair}
+        for r in students:
+            row = table.row_of.get((r.run_id, pair))
+            labels[r.run_id] = f"{r.model} (vanilla{', ' + row.label if row and row.label else ''})"
+        slug = _slug(pair.dataset + "_" + pair.name)
+        path = plot_curves(client, in_pair + students, f"{pair.name} on {pair.dataset}",
+                           out / f"curves_{slug}.png", labels)
         figures.append((f"Learning curves, {pair.name} ({pair.dataset})", path))
-        attention = final_attention([r for r in by_pair[pair] if r.method == "semckd"])
-        if attention is not None:
+        for row in [row for row in table.rows if row.method == "semckd" and (row, pair) in table.cells]:
+            semckd = [r for r in in_pair if table.row_of[r.run_id, pair] == row]
+            attention = final_attention(semckd)
+            if attention is None:
+                continue
             from semckd_ray.attention import plot_attention
 
-            runs_used = sum(r.method == "semckd" for r in by_pair[pair])
-            last_epoch = max(int(r.run.data.metrics.get("epoch", 0)) for r in by_pair[pair] if r.method == "semckd")
-            path = plot_attention(attention, out / f"attention_{_slug(pair.dataset + '_' + pair.name)}.png",
-                                  epoch=last_epoch, title=f"{pair.name}, mean of {runs_used} run(s)")
-            figures.append((f"SemCKD attention at the last epoch, {pair.name} ({pair.dataset})", path))
-    vanilla = [r for r in results if r.method == BASELINE_METHOD]
+            last_epoch = max(int(r.run.data.metrics.get("epoch", 0)) for r in semckd)
+            label = f" ({row.label})" if row.label else ""
+            path = plot_attention(attention, out / f"attention_{slug}{'_' + _slug(row.label) if row.label else ''}.png",
+                                  epoch=last_epoch, title=f"{pair.name}{label}, mean of {len(semckd)} run(s)")
+            figures.append((f"SemCKD attention at the last epoch, {pair.name} ({pair.dataset}){label}", path))
+    vanilla = [r for r in main_results if r.method == BASELINE_METHOD]
     if vanilla:
+        by_model: dict[tuple[str, str], list[Result]] = defaultdict(list)
+        for r in vanilla:
+            by_model[r.dataset, r.model].append(r)
+        labels = {}
+        for rs in by_model.values():
+            for group in labelled(group_by_recipe(rs, lambda r: recipe(r.run, lookup))):
+                for r in group.items:
+                    labels[r.run_id] = f"{r.model} (vanilla{', ' + group.label if group.label else ''})"
         path = plot_curves(client, vanilla, "vanilla training (teachers and student baselines)",
-                           out / "curves_vanilla.png")
+                           out / "curves_vanilla.png", labels)
         figures.append(("Learning curves, vanilla training", path))
     sweeps = sorted((r for r in runs if r.data.tags.get("role") == "sweep"), key=lambda r: r.info.start_time)
     for sweep in sweeps:
@@ -662,6 +1381,23 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
             figures.append((f"Sweep {sweep.info.run_name}: score against the searched values", path))
     files.extend(p for _, p in figures)
 
+    sections: list[str] = []
+    studies = [s for s in (build_study(results, key, lookup) for key in STUDIES) if s is not None]
+    for study in studies:
+        stem = STUDIES[study.key][2]
+        figure = out / f"{stem}.png"
+        study_figure(study).savefig(figure, dpi=DPI)
+        files.append(figure)
+        files.append(_write_csv(out / f"{stem}.csv", _study_lines(study), _study_columns(study.key)))
+        sections += study_markdown(study, figure)
+    transfer = build_transfer(runs, lookup)
+    if transfer is not None:
+        files.append(_write_csv(out / "transfer.csv", _transfer_lines(transfer), TRANSFER_COLUMNS))
+        sections += transfer_markdown(transfer)
+    optuna_lines, optuna_files = optuna_markdown(client, sweeps, out)
+    sections += optuna_lines
+    files.extend(optuna_files)
+
     files.append(_write_csv(out / "table.csv", _table_lines(table), TABLE_COLUMNS))
     files.append(_write_csv(out / "ari.csv", [{**a, "ari_percent": _num(a["ari_percent"]),
                                                 "paper_ari_percent": _num(a["paper_ari_percent"])} for a in ari],
@@ -669,38 +1405,54 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
     dropped: dict[str, list[str]] = defaultdict(list)
     for rerun in selection.reruns:
         dropped[rerun.kept.run_id].append(rerun.dropped.run_id)
-    files.append(_write_csv(out / "runs.csv", [_run_line(r, dropped[r.run_id]) for r in results], RUN_COLUMNS))
-    markdown = _markdown(experiment_name, store, table, ari, results, figures, selection.reruns)
+    configs = {run_id: row.label for (run_id, _), row in reversed(list(table.row_of.items()))}  # first pair's
+    files.append(_write_csv(out / "runs.csv", [_run_line(r, dropped[r.run_id], configs.get(r.run_id, ""), lookup)
+                                               for r in results], RUN_COLUMNS))
+    markdown = _markdown(experiment_name, store, table, ari, results, figures, selection.reruns, sections)
     (out / "report.md").write_text(markdown)
     files.append(out / "report.md")
-    return Report(experiment.experiment_id, out, table, ari, results, files, reruns=selection.reruns)
+    return Report(experiment.experiment_id, out, table, ari, results, files, reruns=selection.reruns,
+                  studies=studies, transfer=transfer)
 
 
-TABLE_COLUMNS = ["dataset", "pair", "teacher", "student", "row", "n", "mean", "std", "paper_mean", "paper_std",
-                 "run_ids"]
-ARI_COLUMNS = ["method", "ari_percent", "pairs", "paper_ari_percent"]
-RUN_COLUMNS = ["run_id", "run_name", "method", "teacher", "model", "dataset", "seed", METRIC, "parent_run_id",
-               "config_sha256", "duplicates"]  # duplicates: the reruns left out for this run, space-separated
+TABLE_COLUMNS = ["dataset", "pair", "teacher", "student", "row", "config", "n", "seeds", "mean", "std",
+                 "paper_mean", "paper_std", "run_ids"]  # config: what sets the cell apart from the row's others
+ARI_COLUMNS = ["method", "ari_percent", "pairs", "pairs_left_out", "paper_ari_percent"]
+RUN_COLUMNS = ["run_id", "run_name", "method", "teacher", "model", "dataset", "seed", METRIC, "config",
+               FRACTION, NOISE, "teacher_run_id", "recipe_sha256", "parent_run_id", "config_sha256",
+               "duplicates"]  # duplicates: the reruns left out for this run, space-separated
+TRANSFER_COLUMNS = ["dataset", "teacher", "student", "row", "config", "transfer_dataset", "n", "seeds", "mean", "std",
+                    "test_top1_mean", "test_top1_std", "run_ids", "student_run_ids"]
+
+
+def _study_columns(key: str) -> list[str]:
+    return ["dataset", "pair", "teacher", "student", "row", "config", key, "n", "seeds", "mean", "std", "run_ids"]
 
 
 def _table_lines(table: Table) -> list[dict[str, Any]]:
     lines = []
     for pair in table.pairs:
         for row in table.rows:
-            cell = table.cells.get((row, pair), Cell())
+            cell = table.cells.get((row, pair))
+            if cell is None and any(r.method == row.method and p == pair for r, p in table.cells):
+                continue  # another config of the method has this pair's runs
+            cell = cell or Cell()
             paper = table.paper_cell(row, pair) or {}
             lines.append({
                 "dataset": pair.dataset, "pair": pair.name, "teacher": pair.teacher, "student": pair.student,
-                "row": row, "n": len(cell.values), "mean": _num(cell.mean, 4), "std": _num(cell.std, 4),
-                "paper_mean": _num(paper.get("mean")), "paper_std": _num(paper.get("std")),
+                "row": row.method, "config": row.label, "n": len(cell.values),
+                "seeds": " ".join(sorted(cell.seeds, key=_natural)), "mean": _num(cell.mean, 4),
+                "std": _num(cell.std, 4), "paper_mean": _num(paper.get("mean")), "paper_std": _num(paper.get("std")),
                 "run_ids": " ".join(cell.run_ids),
             })
     return lines
 
 
-def _run_line(r: Result, duplicates: list[str]) -> dict[str, Any]:
+def _run_line(r: Result, duplicates: list[str], config: str, lookup: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": r.run_id, "run_name": r.run.info.run_name, "method": r.method, "teacher": r.teacher,
-            "model": r.model, "dataset": r.dataset, "seed": r.seed, METRIC: r.value,
+            "model": r.model, "dataset": r.dataset, "seed": r.seed, METRIC: r.value, "config": config,
+            FRACTION: f"{study_value(r.run, FRACTION):g}", NOISE: f"{study_value(r.run, NOISE):g}",
+            "teacher_run_id": teacher_id(r.run), "recipe_sha256": recipe_digest(recipe(r.run, lookup)),
             "parent_run_id": r.run.data.tags.get(tracking.PARENT_RUN_TAG, ""),
             "config_sha256": r.run.data.tags.get("config_sha256", ""), "duplicates": " ".join(duplicates)}
 
@@ -747,29 +1499,42 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Pa
 
 
 def _markdown(experiment: str, store: str, table: Table, ari: list[dict[str, Any]], results: list[Result],
-              figures: list[tuple[str, Path]], reruns: list[Rerun] = ()) -> str:
+              figures: list[tuple[str, Path]], reruns: list[Rerun] = (), sections: list[str] = ()) -> str:
     left_out = (f"; {len(reruns)} rerun(s) of these left out (listed under *Reruns counted once*)"
                 if reruns else "")
+    studied = sum(is_study(r.run) for r in results)
+    in_studies = (f" ({studied} of them trained on part of the training split or on noisy labels: in the "
+                  "study sections below, not in the table)") if studied else ""
+    ari_left_out = any(a.get("pairs_left_out") for a in ari)
     parts = [
         f"# Results of experiment `{experiment}`",
         "",
-        f"From {len(results)} finished run(s) in MLflow ({store}), {time.strftime('%Y-%m-%d %H:%M')}{left_out}.",
+        f"From {len(results)} finished run(s) in MLflow ({store}), {time.strftime('%Y-%m-%d %H:%M')}"
+        f"{in_studies}{left_out}.",
         "",
         f"Cells: test top-1 (%) at the epoch of best validation top-1 (`{METRIC}`), mean ± sample standard "
-        "deviation over seeds, with the number of runs; *paper*: the SemCKD README (CIFAR-100) where the "
-        "pair and method appear there. Teacher and student rows: `vanilla` runs of those models. A sweep "
-        "counts with its best trial only (chosen on validation); runs outside sweeps count as they are. "
-        "A rerun counts once: runs of the same training (`config_sha256`, seed included), or of the same "
-        "sweep run again, are one result, the newest run's.",
+        "deviation over seeds, with the number of runs and their seeds (`n=3: 0,1,2`); *paper*: the SemCKD "
+        "README (CIFAR-100) where the pair and method appear there. Only seeds of one experiment config are "
+        "averaged: the runs' logged config, seed and storage settings aside, and the teacher run's config for a "
+        "student. Where a method's runs in a column are of several configs, each has a row of its own, "
+        "labelled by the params that differ (`epochs=2`, `beta=50.0`, `workers=2`, `batch=128`, ...). "
+        "Student row: `vanilla` runs of the student model; teacher row: the teacher runs the column's students "
+        "distilled from (their `teacher_run_id`). A sweep counts with its best trial only (chosen on "
+        "validation); runs outside sweeps count as they are. A rerun counts once: runs of the same training "
+        "(`config_sha256`, seed included), or of the same sweep run again, are one result, the newest run's.",
         "",
         markdown_table(table, ari),
         "",
         "ARI: the average relative improvement of SemCKD over a method, as the SemCKD paper defines it: "
-        "the mean over pairs of (acc_SemCKD − acc_method) / (acc_method − acc_student). It is unstable "
-        "where a method barely beats the student.",
+        "the mean over pairs of (acc_SemCKD − acc_method) / (acc_method − acc_student), over the pairs where "
+        "the three rows have exactly one choice of configs that train alike (same `optim.*`, `data.*` and "
+        "workers)" + ("; the pairs left out say why" if ari_left_out else "") + ". It is unstable where a "
+        "method barely beats the student.",
         "",
-        *reruns_markdown(list(reruns)),
     ]
+    if table.notes:
+        parts += ["Teacher row:", "", *(f"- {note}" for note in table.notes), ""]
+    parts += [*sections, *reruns_markdown(list(reruns))]
     for caption, path in figures:
         parts += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     return "\n".join(parts)

@@ -107,6 +107,14 @@ def _table(store) -> dict[str, dict[str, str]]:
         return {line["row"]: line for line in csv.DictReader(f)}
 
 
+def _semckd_labels(store) -> dict[str, str]:
+    """The fixture's two SemCKD configs (standalone: 2 epochs, beta 50; the sweep's best trial: 1 epoch, its
+    beta) by run id: the labels that keep them apart."""
+    params = {k: store["client"].get_run(store["runs"][k]).data.params for k in ("semckd", "best_trial")}
+    return {store["runs"][k]: f"epochs={p['optim.epochs']}, beta={p['method.beta_effective']}"
+            for k, p in params.items()}
+
+
 def test_table_has_one_column_per_pair_and_one_row_per_method(store):
     table = _table(store)
     assert set(table) == {"student", "teacher", "kd", "semckd"}  # digits: no paper rows
@@ -116,7 +124,10 @@ def test_table_has_one_column_per_pair_and_one_row_per_method(store):
     header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
     assert header == f"| Method | {PAIR} | ARI |"
     rows = [line.split(" | ")[0].lstrip("| ") for line in markdown.splitlines() if line.startswith("| ")][1:]
-    assert rows == ["Student (vanilla)", "Teacher (vanilla)", "KD", "**SemCKD**"]
+    # The standalone SemCKD run and the sweep's best trial are two configs: a row each, never averaged.
+    labels = sorted(_semckd_labels(store).values(), key=report._natural)
+    assert labels[0].startswith("epochs=1, beta=") and labels[1] == "epochs=2, beta=50.0"
+    assert rows == ["Student (vanilla)", "Teacher (vanilla)", "KD", *(f"**SemCKD ({x})**" for x in labels)]
 
 
 def test_cells_are_mean_and_std_over_seeds_of_the_runs_that_count(store):
@@ -126,29 +137,34 @@ def test_cells_are_mean_and_std_over_seeds_of_the_runs_that_count(store):
     assert float(table["kd"]["mean"]) == pytest.approx(statistics.fmean(kd), abs=1e-4)
     assert float(table["kd"]["std"]) == pytest.approx(statistics.stdev(kd), abs=1e-4)
     assert set(table["kd"]["run_ids"].split()) == set(runs["kd"])  # not the unfinished one
-    # Standalone SemCKD and the sweep's best trial; not the sweep's other trial.
-    assert set(table["semckd"]["run_ids"].split()) == {runs["semckd"], runs["best_trial"]}
-    semckd = [_metric(store, runs["semckd"]), _metric(store, runs["best_trial"])]
-    assert float(table["semckd"]["mean"]) == pytest.approx(statistics.fmean(semckd), abs=1e-4)
+    assert table["kd"]["seeds"] == "0 1" and table["kd"]["config"] == ""
+    # Standalone SemCKD and the sweep's best trial, each a cell of its own (other configs); not the other trial.
+    with open(store["out"] / "table.csv") as f:
+        semckd = {line["config"]: line for line in csv.DictReader(f) if line["row"] == "semckd"}
+    assert {line["run_ids"]: label for label, line in semckd.items()} == _semckd_labels(store)
+    for run_id, label in _semckd_labels(store).items():
+        assert semckd[label]["n"] == "1"
+        assert float(semckd[label]["mean"]) == pytest.approx(_metric(store, run_id), abs=1e-4)
     for row in ("student", "teacher"):
         assert table[row]["run_ids"] == runs[row]
         assert float(table[row]["mean"]) == pytest.approx(_metric(store, runs[row]), abs=1e-4)
         assert table[row]["std"] == ""  # one run: no spread
     markdown = (store["out"] / "report.md").read_text()
-    assert f"{statistics.fmean(kd):.2f} ± {statistics.stdev(kd):.2f} (n=2)" in markdown
+    assert f"{statistics.fmean(kd):.2f} ± {statistics.stdev(kd):.2f} (n=2: 0,1)" in markdown
 
 
 def test_ari_follows_the_papers_definition(store):
     # From MLflow's own numbers: table.csv's 4-decimal means would move a ratio over a small kd - student.
     runs = store["runs"]
-    sem = statistics.fmean([_metric(store, runs["semckd"]), _metric(store, runs["best_trial"])])
+    # Of the two SemCKD configs, the one that trains like KD and the student (2 epochs) is compared.
+    sem = _metric(store, runs["semckd"])
     kd = statistics.fmean([_metric(store, r) for r in runs["kd"]])
     stu = _metric(store, runs["student"])
     with open(store["out"] / "ari.csv") as f:
         (line,) = list(csv.DictReader(f))
     assert line["method"] == "kd"
     if kd == stu:  # the paper's ratio is undefined: the pair is left out
-        assert (line["pairs"], line["ari_percent"]) == ("0", "")
+        assert (line["pairs"], line["ari_percent"], line["pairs_left_out"]) == ("0", "", "")
     else:
         assert line["pairs"] == "1"
         assert float(line["ari_percent"]) == pytest.approx(100 * (sem - kd) / (kd - stu), abs=0.005 + 1e-9)
@@ -186,10 +202,14 @@ def test_figures_are_pngs_of_the_expected_size(store):
     assert _png(out / "curves_digits_resnet14_to_resnet8.png") == report.figure_size(5)
     assert _png(out / "curves_vanilla.png") == report.figure_size(3)  # val_top1, train_ce, train_total
     assert _png(out / "sweep_sweep-beta.png") == report.figure_size(1)  # one searched key
-    assert _png(out / "attention_digits_resnet14_to_resnet8.png") == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+    # SemCKD's attention per config: the standalone run's and the best trial's, never averaged together.
+    attention = [f"attention_digits_resnet14_to_resnet8_{report._slug(label)}.png"
+                 for label in _semckd_labels(store).values()]
+    for name in attention:
+        assert _png(out / name) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+    assert not (out / "attention_digits_resnet14_to_resnet8.png").exists()
     markdown = (out / "report.md").read_text()
-    for name in ("curves_digits_resnet14_to_resnet8.png", "curves_vanilla.png", "sweep_sweep-beta.png",
-                 "attention_digits_resnet14_to_resnet8.png"):
+    for name in ("curves_digits_resnet14_to_resnet8.png", "curves_vanilla.png", "sweep_sweep-beta.png", *attention):
         assert f"({name})" in markdown
 
 
@@ -335,8 +355,13 @@ def test_a_rerun_of_the_same_training_counts_once_and_is_listed(bare, tmp_path):
     assert set(table["kd"]["run_ids"].split()) == {kd_rerun, kd_seed1}  # the newest of seed 0
     assert float(table["kd"]["mean"]) == pytest.approx(statistics.fmean([91.0, 80.0]), abs=1e-4)
     assert (table["student"]["n"], table["student"]["run_ids"]) == ("1", student_rerun)
-    assert table["teacher"]["n"] == "2"
-    assert set(table["teacher"]["run_ids"].split()) == {teacher_rerun, teacher_other}
+    # No student names its teacher run here: the teacher row is the resnet14 vanilla runs, one cell per
+    # config (2 and 4 epochs), not their mean.
+    with open(tmp_path / "table.csv") as f:
+        teachers = {line["config"]: line for line in csv.DictReader(f) if line["row"] == "teacher"}
+    assert {c: (t["n"], t["run_ids"]) for c, t in teachers.items()} == {
+        "epochs=2": ("1", teacher_rerun), "epochs=4": ("1", teacher_other)}
+    assert "no student run names its teacher run" in (tmp_path / "report.md").read_text()
 
     dropped = {r.dropped.run_id: (r.kept.run_id, r.why) for r in made.reruns}
     assert dropped == {
@@ -352,7 +377,7 @@ def test_a_rerun_of_the_same_training_counts_once_and_is_listed(bare, tmp_path):
     assert runs[kd_seed1]["duplicates"] == ""
     markdown = (tmp_path / "report.md").read_text()
     assert "; 3 rerun(s) of these left out" in markdown
-    assert "91.00 (n=1)" not in markdown and f"{statistics.fmean([91.0, 80.0]):.2f} ± " in markdown
+    assert "91.00 (n=1" not in markdown and f"{statistics.fmean([91.0, 80.0]):.2f} ± " in markdown
     section = markdown[markdown.index("## Reruns counted once"):]
     for first, (kept, why) in dropped.items():
         (line,) = [line for line in section.splitlines() if f"`{first}`" in line]
@@ -464,3 +489,305 @@ def test_the_fixtures_sweep_trials_trained_all_their_epochs(store):
     sweep = client.get_run(runs["sweep"])
     trials = [client.get_run(runs[k]) for k in ("best_trial", "other_trial")]
     assert {p.label for p in report.sweep_points(sweep, trials)} == {"1 epoch (all)"}  # optim.epochs 1
+
+
+# ------------------------------------------------------------------------------------------
+# Unlike runs kept apart, studies, transfer and Optuna: hand-made runs in the bare store
+
+
+def _params(method: str, model: str, epochs: int, teacher: str | None = None, **more) -> dict:
+    """What a training logs, in short: its config as params (tracking settings that differ run to run)."""
+    return {"data.dataset": "digits", "method.name": method, "student.model": model, "optim.epochs": epochs,
+            "optim.batch_size": 64, "tracking.uri": f"sqlite:///{model}-{epochs}.db", "name": "exp",
+            **({"teacher.model": teacher[0], "teacher.checkpoint": f"runs:/{teacher[1]}"} if teacher else {}),
+            **more}
+
+
+def _vanilla(client, experiment_id: str, model: str, value: float, start: int, seed: int = 0, epochs: int = 4,
+             **params) -> str:
+    return _finished(client, experiment_id, value, start, seed=seed, params=_params("vanilla", model, epochs, **params),
+                     role="teacher", method="vanilla", student=model, teacher="")
+
+
+def _student(client, experiment_id: str, method: str, value: float, start: int, seed: int, epochs: int,
+             teacher: tuple[str, str], model: str = "resnet8", **params) -> str:
+    return _finished(client, experiment_id, value, start, seed=seed,
+                     params=_params(method, model, epochs, teacher, **params),
+                     method=method, student=model, teacher=teacher[0], teacher_run_id=teacher[1])
+
+
+def _csv(path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _md_row(markdown: str, title: str) -> list[str]:
+    (line,) = [line for line in markdown.splitlines() if line.startswith(f"| {title} |")]
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_two_configs_of_a_cell_stay_apart_and_the_teacher_row_is_the_students_teacher(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-configs")
+    teacher = _vanilla(client, experiment_id, "resnet14", 95.0, 100, epochs=8)
+    _vanilla(client, experiment_id, "resnet14", 60.0, 110, seed=1, epochs=8)  # named by no student: not the row
+    teacher20 = _vanilla(client, experiment_id, "resnet20", 96.0, 120, epochs=8)
+    students = [_vanilla(client, experiment_id, "resnet8", v, 200 + s, seed=s) for s, v in enumerate((70.0, 72.0))]
+    t14, t20 = ("resnet14", teacher), ("resnet20", teacher20)
+    kd2 = [_student(client, experiment_id, "kd", v, 300 + s, s, 2, t14) for s, v in enumerate((71.0, 73.0))]
+    kd4 = [_student(client, experiment_id, "kd", v, 400 + s, s, 4, t14) for s, v in enumerate((75.0, 77.0))]
+    semckd = [_student(client, experiment_id, "semckd", v, 500 + s, s, 4, t14) for s, v in enumerate((78, 79, 80))]
+    # A second pair where KD trained 2 epochs only: SemCKD (4) is not comparable with it.
+    _student(client, experiment_id, "kd", 74.0, 600, 0, 2, t20)
+    _student(client, experiment_id, "semckd", 76.0, 610, 0, 4, t20)
+
+    made = report.make_report(client, "report-configs", tmp_path, store="test")
+    pair14, pair20 = (report.Pair("digits", t, "resnet8") for t in ("resnet14", "resnet20"))
+    table = made.table
+    kd_rows = [r for r in table.rows if r.method == "kd"]
+    assert [r.title for r in kd_rows] == ["KD (epochs=2)", "KD (epochs=4)"]
+    assert set(table.cells[report.Row("kd", "epochs=2"), pair14].run_ids) == set(kd2)
+    assert set(table.cells[report.Row("kd", "epochs=4"), pair14].run_ids) == set(kd4)
+    assert table.cells[report.Row("kd", "epochs=2"), pair20].values == [74.0]  # alone in its column: not split
+    assert (report.Row("kd"), pair20) not in table.cells  # its label comes from the other column's split
+    assert table.cells[report.Row("teacher"), pair14].run_ids == [teacher]
+    assert table.cells[report.Row("teacher"), pair20].run_ids == [teacher20]
+    assert set(table.cells[report.Row("student"), pair14].run_ids) == set(students)
+    assert set(table.cells[report.Row("semckd"), pair14].run_ids) == set(semckd)
+
+    lines = [x for x in _csv(tmp_path / "table.csv") if x["pair"] == "resnet14->resnet8"]
+    by_row = {(x["row"], x["config"]): x for x in lines}
+    assert set(by_row) == {("student", ""), ("teacher", ""), ("kd", "epochs=2"), ("kd", "epochs=4"), ("semckd", "")}
+    assert (by_row["kd", "epochs=4"]["n"], by_row["kd", "epochs=4"]["seeds"]) == ("2", "0 1")
+    assert float(by_row["kd", "epochs=4"]["mean"]) == pytest.approx(76.0)
+    assert (by_row["teacher", ""]["mean"], by_row["teacher", ""]["run_ids"]) == ("95.0000", teacher)
+
+    markdown = (tmp_path / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
+    assert header == "| Method | resnet14->resnet8 | resnet20->resnet8 | ARI |"
+    assert _md_row(markdown, "Teacher (vanilla)")[1:3] == ["95.00 (n=1: 0)", "96.00 (n=1: 0)"]
+    assert _md_row(markdown, "Student (vanilla)")[1] == "71.00 ± 1.41 (n=2: 0,1)"
+    kd2_md, kd4_md = _md_row(markdown, "KD (epochs=2)"), _md_row(markdown, "KD (epochs=4)")
+    assert kd2_md[1:3] == ["72.00 ± 1.41 (n=2: 0,1)", "74.00 (n=1: 0)"]
+    assert kd4_md[1:3] == ["76.00 ± 1.41 (n=2: 0,1)", "–"]
+    assert _md_row(markdown, "**SemCKD**")[1] == "79.00 ± 1.00 (n=3: 0,1,2)"
+    # ARI over the comparable cells only: 4 epochs in the first pair; the second pair has none.
+    (ari,) = made.ari
+    assert ari["pairs"] == 1 and ari["ari_percent"] == pytest.approx(100 * (79 - 76) / (76 - 71))
+    assert ari["pairs_left_out"] == "resnet20->resnet8 (not comparable)"
+    assert kd2_md[3] == "60.00% (1 pair), left out: resnet20->resnet8 (not comparable)" and kd4_md[3] == ""
+    runs = {x["run_id"]: x for x in _csv(tmp_path / "runs.csv")}
+    assert runs[kd2[0]]["config"] == "epochs=2" and runs[kd2[0]]["teacher_run_id"] == teacher
+    assert runs[kd2[0]]["recipe_sha256"] == runs[kd2[1]]["recipe_sha256"] != runs[kd4[0]]["recipe_sha256"]
+
+
+def test_students_of_several_teacher_runs_say_so(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-teachers")
+    # Two teacher seeds of one config, and a teacher of another config (1 epoch).
+    teachers = [_vanilla(client, experiment_id, "resnet14", v, 100 + s, seed=s, epochs=8)
+                for s, v in enumerate((94.0, 96.0))]
+    short = _vanilla(client, experiment_id, "resnet14", 50.0, 120, seed=0, epochs=1)
+    _vanilla(client, experiment_id, "resnet8", 70.0, 200)
+    kd = [_student(client, experiment_id, "kd", 75.0 + s, 300 + s, s, 4, ("resnet14", teachers[s])) for s in (0, 1)]
+    from_short = _student(client, experiment_id, "kd", 60.0, 400, 0, 4, ("resnet14", short))
+    missing = "f" * 32
+    _student(client, experiment_id, "kd", 61.0, 500, 0, 4, ("resnet14", missing))
+
+    made = report.make_report(client, "report-teachers", tmp_path, store="test")
+    pair = report.Pair("digits", "resnet14", "resnet8")
+    cells = {r: c for (r, p), c in made.table.cells.items() if p == pair}
+    # A student's config holds its teacher's: students of teacher seeds are seeds; the 1-epoch teacher's is apart.
+    kd_cells = {r.label: c for r, c in cells.items() if r.method == "kd"}
+    assert set(kd_cells["teacher epochs=8"].run_ids) == set(kd)
+    assert kd_cells["teacher epochs=1"].run_ids == [from_short]
+    teacher_cells = {r.label: c for r, c in cells.items() if r.method == "teacher"}
+    assert set(teacher_cells) == {"epochs=1", "epochs=8"}
+    assert set(teacher_cells["epochs=8"].run_ids) == set(teachers) and teacher_cells["epochs=8"].mean == 95.0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "the students distilled from 4 teacher runs" in markdown
+    assert f"teacher run `{missing}`" in markdown and "is not in this tracking store" in markdown
+    assert "Teacher (vanilla, epochs=8) | 95.00 ± 1.41 (n=2: 0,1)" in markdown
+
+
+def test_config_labels_name_what_differs_by_short_names():
+    base = {"optim.epochs": "4", "method.beta": "None", "method.beta_effective": "400.0", "scaling.num_workers": "1",
+            "scaling.world_size": "1", "optim.batch_size": "64", "optim.batch_size_per_worker": "64"}
+    other = {**base, "method.beta": "50.0", "method.beta_effective": "50.0", "scaling.num_workers": "2",
+             "scaling.world_size": "2", "optim.batch_size_per_worker": "32", "method.options.soft": "0.5"}
+    assert report.config_labels([base, other]) == ["beta=400.0, workers=1, soft=unset",
+                                                  "beta=50.0, workers=2, soft=0.5"]
+    assert report.config_labels([base]) == [""]
+    fraction = {**base, report.FRACTION: "0.25", report.NOISE: "0.0"}
+    noisy = {**base, report.FRACTION: "1.0", report.NOISE: "0.2"}
+    assert report.config_labels([fraction, noisy]) == ["fraction=0.25, noise=0.0", "fraction=1.0, noise=0.2"]
+    batch = {**base, "optim.batch_size": "128", "optim.batch_size_per_worker": "128"}
+    assert report.config_labels([base, batch]) == ["batch=64", "batch=128"]  # per worker: it follows
+
+
+def test_few_shot_and_label_noise_sections(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-studies")
+    teacher = ("resnet14", _vanilla(client, experiment_id, "resnet14", 95.0, 100, epochs=8))
+    start = iter(range(1000, 10000, 10))
+
+    def student(method: str, value: float, seed: int, fraction: float | None = None, noise: float | None = None):
+        extra = {**({report.FRACTION: fraction} if fraction is not None else {}),
+                 **({report.NOISE: noise} if noise is not None else {})}
+        if method == "vanilla":
+            return _vanilla(client, experiment_id, "resnet8", value, next(start), seed=seed, **extra)
+        return _student(client, experiment_id, method, value, next(start), seed, 4, teacher, **extra)
+
+    # Full data, as older runs log it (no data.train_fraction nor data.label_noise): fraction 1, noise 0.
+    full = {m: [student(m, v + s, s) for s in (0, 1)] for m, v in (("vanilla", 70), ("kd", 75), ("semckd", 78))}
+    few = [student("kd", 50.0 + s, s, fraction=0.25, noise=0.0) for s in (0, 1)]
+    few += [student("kd", 60.0, 0, fraction=0.5), student("semckd", 55.0, 0, fraction=0.25),
+            student("vanilla", 40.0, 0, fraction=0.25)]
+    noisy = [student("kd", 65.0 + s, s, fraction=1.0, noise=0.2) for s in (0, 1)]
+    noisy += [student("semckd", 70.0, 0, noise=0.2), student("semckd", 66.0, 0, noise=0.4)]
+
+    made = report.make_report(client, "report-studies", tmp_path, store="test")
+    # The main table: full, clean data only.
+    counted = {run_id for c in made.table.cells.values() for run_id in c.run_ids}
+    assert counted == {teacher[1], *(r for rs in full.values() for r in rs)}
+    assert [s.key for s in made.studies] == [report.FRACTION, report.NOISE]
+
+    fewshot = {(x["row"], x[report.FRACTION]): x for x in _csv(tmp_path / "fewshot.csv")}
+    assert set(fewshot) == {(m, f) for m in ("student", "kd", "semckd") for f in ("1", "0.25")} | {("kd", "0.5")}
+    assert (fewshot["kd", "0.25"]["n"], fewshot["kd", "0.25"]["seeds"], fewshot["kd", "0.25"]["mean"]) == (
+        "2", "0 1", "50.5000")
+    assert set(fewshot["kd", "1"]["run_ids"].split()) == set(full["kd"])  # the reference: the older runs
+    noise = {(x["row"], x[report.NOISE]): x for x in _csv(tmp_path / "label_noise.csv")}
+    assert set(noise) == {("kd", "0"), ("kd", "0.2"), ("semckd", "0"), ("semckd", "0.2"), ("semckd", "0.4")}
+    assert noise["kd", "0.2"]["mean"] == "65.5000"
+
+    markdown = (tmp_path / "report.md").read_text()
+    section = markdown[markdown.index("## Few-shot"):markdown.index("## Label noise")]
+    assert "| Method | fraction 0.25 | fraction 0.5 | fraction 1 |" in section
+    assert "| KD | 50.50 ± 0.71 (n=2: 0,1) | 60.00 (n=1: 0) | 75.50 ± 0.71 (n=2: 0,1) |" in section
+    assert "| Student (vanilla) | 40.00 (n=1: 0) | – | 70.50 ± 0.71 (n=2: 0,1) |" in section
+    assert "![few-shot](fewshot.png)" in section
+    section = markdown[markdown.index("## Label noise"):]
+    assert "| noise | KD | SemCKD |" in section
+    assert "| 0.2 | 65.50 ± 0.71 (n=2: 0,1) | 70.00 (n=1: 0) |" in section
+    assert "| 0.4 | – | 66.00 (n=1: 0) |" in section
+    assert _png(tmp_path / "fewshot.png") == report.figure_size(1)
+    assert _png(tmp_path / "label_noise.png") == report.figure_size(1)
+    fig = report.study_figure(made.studies[0])
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Student (vanilla)", "KD", "SemCKD"]
+    assert not (made.studies[1].lines[0].row.method == "student")  # no vanilla run with noise: no student line
+
+
+def test_no_study_section_without_study_runs(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-no-studies")
+    _finished(client, experiment_id, 50.0, 100, params={report.FRACTION: 1.0, report.NOISE: 0.0})
+    made = report.make_report(client, "report-no-studies", tmp_path, store="test")
+    markdown = (tmp_path / "report.md").read_text()
+    assert made.studies == [] and made.transfer is None
+    for heading in ("## Few-shot", "## Label noise", "## Transfer", "## Sweeps as Optuna saw them"):
+        assert heading not in markdown
+    assert not (tmp_path / "fewshot.csv").exists() and not (tmp_path / "transfer.csv").exists()
+
+
+def test_transfer_section(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-transfer")
+    teacher = ("resnet14", _vanilla(client, experiment_id, "resnet14", 95.0, 100, epochs=8))
+    kd = [_student(client, experiment_id, "kd", 75.0 + s, 200 + s, s, 4, teacher) for s in (0, 1)]
+    semckd = _student(client, experiment_id, "semckd", 78.0, 300, 0, 4, teacher)
+
+    def transfer(student: str, dataset: str, value: float, start: int, top1: float | None = None) -> str:
+        run_id = client.create_run(experiment_id, start_time=start, tags={
+            "role": "transfer", "student_run_id": student, "transfer_dataset": dataset}).info.run_id
+        client.log_metric(run_id, report.METRIC, value)
+        client.log_metric(run_id, "test_top1", value - 1 if top1 is None else top1)
+        client.set_terminated(run_id, "FINISHED", end_time=start + 10)
+        return run_id
+
+    transfer(kd[0], "stl10", 10.0, 400)  # older: the newer transfer of the same student and dataset counts
+    runs = [transfer(kd[0], "stl10", 50.0, 500), transfer(kd[1], "stl10", 52.0, 510),
+            transfer(kd[0], "tinyimagenet", 30.0, 520), transfer(semckd, "stl10", 55.0, 530)]
+    lost = transfer("e" * 32, "stl10", 40.0, 540)
+
+    made = report.make_report(client, "report-transfer", tmp_path, store="test")
+    pair = report.Pair("digits", "resnet14", "resnet8")
+    assert set(made.table.cells[report.Row("kd"), pair].run_ids) == set(kd)  # transfer runs are no training runs
+    assert {r.run_id for r in made.results} == {teacher[1], *kd, semckd}
+    lines = {(x["row"], x["transfer_dataset"]): x for x in _csv(tmp_path / "transfer.csv")}
+    assert set(lines) == {("kd", "stl10"), ("kd", "tinyimagenet"), ("semckd", "stl10")}
+    kd_stl = lines["kd", "stl10"]
+    assert (kd_stl["n"], kd_stl["seeds"], kd_stl["mean"]) == ("2", "0 1", "51.0000")
+    assert kd_stl["test_top1_mean"] == "50.0000"
+    assert set(kd_stl["run_ids"].split()) == set(runs[:2]) and set(kd_stl["student_run_ids"].split()) == set(kd)
+    markdown = (tmp_path / "report.md").read_text()
+    section = markdown[markdown.index("## Transfer"):]
+    assert "| Student (trained on) | stl10 | tinyimagenet |" in section
+    assert "| KD, resnet14->resnet8 (digits) | 51.00 ± 1.41 (n=2: 0,1) | 30.00 (n=1: 0) |" in section
+    assert "| SemCKD, resnet14->resnet8 (digits) | 55.00 (n=1: 0) | – |" in section
+    assert f"transfer run `{lost}`" in section
+
+
+def test_optuna_section_shows_a_sweeps_importances_and_figures(bare, tmp_path):
+    client = bare
+    experiment_id = client.create_experiment("report-optuna")
+    _finished(client, experiment_id, 50.0, 100)
+    old = client.create_run(experiment_id, run_name="sweep-old", start_time=200, tags={"role": "sweep"}).info.run_id
+    new = client.create_run(experiment_id, run_name="sweep-new", start_time=300, tags={"role": "sweep"}).info.run_id
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    with open(logged / "param_importances.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["param", "importance"])
+        for param, importance in (("method.options.soft", 0.08), ("method.beta", 0.7),
+                                  ("method.options.proj_width", 0.02), ("method.options.factor", 0.2)):
+            writer.writerow([param, importance])
+    for name in ("param_importances.png", "history.png"):
+        matplotlib.image.imsave(logged / name, [[0.0, 1.0], [1.0, 0.0]])
+        client.log_artifact(new, str(logged / name), "optuna")
+    client.log_artifact(new, str(logged / "param_importances.csv"), "optuna")
+    for run_id in (old, new):
+        client.set_terminated(run_id, "FINISHED")
+
+    out = tmp_path / "out"
+    made = report.make_report(client, "report-optuna", out, store="test")
+    markdown = (out / "report.md").read_text()
+    section = markdown[markdown.index("## Sweeps as Optuna saw them"):]
+    old_part, new_part = section[section.index("### Sweep sweep-old"):], section[section.index("### Sweep sweep-new"):]
+    assert "has no Optuna artifacts" in old_part[:old_part.index("### Sweep sweep-new")]
+    rows = [line for line in new_part.splitlines() if line.startswith("| `")]
+    assert rows == ["| `method.beta` | 0.700 |", "| `method.options.factor` | 0.200 |",
+                    "| `method.options.soft` | 0.080 |", "| `method.options.proj_width` | 0.020 |"]
+    for name in ("param_importances.png", "history.png", "param_importances.csv"):
+        copied = out / f"optuna_sweep-new_{name}"
+        assert copied.read_bytes() == (logged / name).read_bytes() and copied in made.files
+    assert "![sweep-new: parameter importances](optuna_sweep-new_param_importances.png)" in new_part
+    assert "![sweep-new: optimization history](optuna_sweep-new_history.png)" in new_part
+    assert not list(out.glob("optuna_sweep-old_*"))
+
+
+def test_ari_compares_only_cells_that_train_alike_and_the_paper_stands_beside_every_config():
+    paper = report.load_paper()
+    pair = report.Pair("cifar100", "resnet32x4", "resnet8x4")
+    e240, e10 = {"optim.epochs": "240"}, {"optim.epochs": "10"}
+
+    def cell(value: float, params: dict, **extra) -> report.Cell:
+        return report.Cell([value], ["r"], ["0"], {**params, **extra}, "")
+
+    cells = {(report.Row("student"), pair): cell(72.0, e240), (report.Row("kd", "epochs=10"), pair): cell(60.0, e10),
+             (report.Row("kd", "epochs=240"), pair): cell(74.0, e240), (report.Row("semckd"), pair): cell(76.0, e240)}
+    table = report.Table([pair], sorted({r for r, _ in cells}, key=report._row_order), cells, paper)
+    (kd,) = [a for a in report.ari_rows(table) if a["method"] == "kd"]
+    assert (kd["pairs"], kd["ari_percent"], kd["pairs_left_out"]) == (1, pytest.approx(100.0), "")
+    for label in ("epochs=10", "epochs=240"):
+        assert report.cell_text(table, report.Row("kd", label), pair).endswith("· paper 74.42 ± 0.05")
+    assert report.cell_text(table, "kd", pair) == "– · paper 74.42 ± 0.05"
+    # Two SemCKD configs that both train like KD (another beta): no single choice, the pair is left out.
+    cells[report.Row("semckd", "beta=50.0"), pair] = cell(75.0, e240, **{"method.beta": "50.0"})
+    table = report.Table([pair], sorted({r for r, _ in cells}, key=report._row_order), cells, paper)
+    (kd,) = [a for a in report.ari_rows(table) if a["method"] == "kd"]
+    assert (kd["pairs"], kd["pairs_left_out"]) == (0, "resnet32x4->resnet8x4 (ambiguous)")
+    markdown = report.markdown_table(table, report.ari_rows(table))
+    row = "| KD (epochs=10) | 60.00 (n=1: 0) · paper 74.42 ± 0.05 | –, left out: resnet32x4->resnet8x4 (ambiguous)"
+    assert row in markdown
