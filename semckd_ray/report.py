@@ -24,7 +24,8 @@ of a run named ``report`` when the experiment has no sweep):
 Which runs count: finished runs that logged ``test_top1_at_best_val``. A run outside any sweep counts
 as it is. A sweep contributes its best trial only (tag ``best_trial``, chosen on the validation
 split), or that trial's seed runs when it ran several seeds: counting every trial, or the best one
-on test, would turn a search into a better-looking result. The student row is the ``vanilla`` runs
+on test, would turn a search into a better-looking result. A grid sweep (``search.sampler: grid``)
+is a study, not a search: each of its trials that trained to its end counts. The student row is the ``vanilla`` runs
 of the student model on the pair's dataset; the teacher row is the teacher runs the pair's students
 name (tag ``teacher_run_id``; all vanilla runs of the teacher model where none does).
 
@@ -194,9 +195,14 @@ def select(runs: list) -> Selection:
     has_children = {p for p in parents.values() if p}
 
     def is_best_trial(run) -> bool:
+        """A trial that counts: its sweep's best or, in a grid sweep (a study: every combination is
+        an experiment of its own, none a candidate among others), each trial trained to its end."""
         parent = by_id.get(parents[run.info.run_id])
-        return (parent is not None and parent.data.tags.get("role") == "sweep"
-                and run.data.tags.get("best_trial") == "true")
+        if parent is None or parent.data.tags.get("role") != "sweep":
+            return False
+        if parent.data.params.get("search.sampler") == "grid":
+            return run.data.tags.get("stopped_early") != "true"
+        return run.data.tags.get("best_trial") == "true"
 
     def sweep_of(run) -> str | None:
         """The sweep ``run`` counts for, "" outside any sweep; None when it does not count."""
@@ -259,7 +265,12 @@ def identities(result: Result, by_id: dict[str, Any]) -> set[tuple[str, ...]]:
         keys.add(("params", logged))
     sweep = by_id.get(result.sweep_id) if result.sweep_id else None
     if sweep is not None and (searched := _params_digest(sweep.data.params, under="base.")) is not None:
-        keys.add(("sweep", searched, result.method, result.teacher, result.model, result.dataset, result.seed))
+        key = ("sweep", searched, result.method, result.teacher, result.model, result.dataset, result.seed)
+        if sweep.data.params.get("search.sampler") == "grid":
+            # Each trial of a grid sweep is an experiment of its own: the sweep run again pairs them
+            # up by their searched values, which every rerun of the grid samples alike.
+            key += tuple(f"{k}={v}" for k, v in sorted(run.data.tags.items()) if k.startswith("searched."))
+        keys.add(key)
     return keys
 
 
