@@ -62,8 +62,19 @@ def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_ser
 
     children = mlflow_server.search_runs(eid, f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) == config["search"]["num_samples"]
+    # A setting the search samples may diverge on one CPU and not on another (float32 rounding
+    # differs between AVX2 and AVX-512 and the smoke search reaches the edge of stability: beta=37.9,
+    # factor 2 diverged in epoch 1 on an AVX-512 Xeon, not on Zen 3). Such a trial is FAILED with its
+    # reason and its metric; every other trial is FINISHED.
+    diverged = {c["info"]["run_id"] for c in children if metrics(c).get("diverged")}
+    assert len(diverged) < len(children)
     for child in children:
         run_id = child["info"]["run_id"]
+        if run_id in diverged:
+            assert child["info"]["status"] == "FAILED", child["info"]
+            assert tags(child)["failure_reason"].startswith("training loss diverged in epoch"), tags(child)
+            assert "stopped_early" not in tags(child)
+            continue
         # Closed, whatever ASHA did to the trial: never left RUNNING.
         assert child["info"]["status"] == "FINISHED", child["info"]
         # Tags tell the truth: a finished or early-stopped trial carries no failure reason.
@@ -90,7 +101,7 @@ def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_ser
         row = rows[child["info"]["run_id"]]
         assert math.isclose(row["best_val_top1"], metrics(child)["best_val_top1"])
         assert row["epochs"] == int(metrics(child)["epoch"])
-        assert row["status"] in ("FINISHED", "STOPPED_EARLY")
+        assert row["status"] in (("FAILED",) if child["info"]["run_id"] in diverged else ("FINISHED", "STOPPED_EARLY"))
     assert steps(best_id, "val_top1") == list(range(1, epochs + 1))
     assert {"checkpoints/best_model.pt", "checkpoints/last.pt"} <= artifacts(best_id, path="checkpoints")
 
