@@ -171,8 +171,12 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
     runs = children(mlflow, parent_run_id)
     assert len(runs) == 3
     assert len({r.data.tags["tune_trial_id"] for r in runs}) == 3
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert [r.data.tags["failure_reason"] for r in runs if "failure_reason" in r.data.tags] == []
+    # A trial may diverge on one CPU and not another (see the job test): FAILED with its reason.
+    diverged = [r for r in runs if r.data.metrics.get("diverged")]
+    assert all(r.info.status == "FAILED" and r.data.tags["failure_reason"].startswith("training loss diverged")
+               for r in diverged)
+    assert all(r.info.status == "FINISHED" for r in runs if r not in diverged)
+    assert [r.data.tags["failure_reason"] for r in runs if "failure_reason" in r.data.tags and r not in diverged] == []
     for rid, epochs in finished_epochs.items():  # finished trials were not trained again
         assert len(mlflow.get_metric_history(rid, "epoch")) == epochs
     assert mlflow.get_run(parent_run_id).info.status == "FINISHED"
