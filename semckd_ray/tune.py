@@ -650,8 +650,11 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
         epochs = int(metrics.get("epoch", 0))
         status = run.info.status
         tune_errored = run.data.tags.get("tune_trial_id") in errored
-        diverged = "stopped_reason" in run.data.tags
+        # A training that diverged reports its last result with ``diverged``, after which Tune may end
+        # the trial's process before fit() has closed the run FAILED: the metric says so all the same.
+        diverged = "stopped_reason" in run.data.tags or bool(metrics.get("diverged"))
         stopped = run.data.tags.get("stopped_early") == "true"
+        reason = None
         if status == "RUNNING" or (status == "FAILED" and not tune_errored and not diverged):
             # Tune ended the trial's process before or while fit() closed the run: ASHA stopped
             # it early, or at max_t, the last epoch. Such a run neither failed nor keeps running:
@@ -659,12 +662,14 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             # the tag stopped_early (MLflow's KILLED would show it as a failure, with a red cross).
             if tune_errored:
                 status = "FAILED"
+            elif diverged:
+                status, reason = "FAILED", f"training loss diverged in epoch {epochs}"
             else:
                 status = "FINISHED"
                 if epochs < base.optim.epochs:
                     stopped = True
                     client.set_tag(run.info.run_id, "stopped_early", "true")
-            close_run(client, run.info.run_id, status)  # drops fit()'s reason for Tune's teardown
+            close_run(client, run.info.run_id, status, reason)  # drops fit()'s reason for Tune's teardown
         if search is not None and "sweep_name" in run.data.tags:
             # The trials' numbers, in the order they started: two that started at once may have
             # counted the same runs before them.
