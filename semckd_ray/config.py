@@ -149,23 +149,15 @@ class DataConfig(_Section):
     # among all classes (symmetric noise, as the official dataset/label_noise.py), drawn with split_seed.
     label_noise: float = 0.0
 
-    @field_validator("train_fraction")
+    @field_validator("train_fraction", "label_noise")
     @classmethod
-    def _fraction_in_range(cls, fraction: float) -> float:
+    def _share_in_range(cls, value: float, info: ValidationInfo) -> float:
+        check = {"train_fraction": check_train_fraction, "label_noise": check_label_noise}[info.field_name]
         try:
-            check_train_fraction(fraction)
+            check(value)
         except UserError as exc:
-            raise ValueError(str(exc).removeprefix("data.train_fraction ")) from None
-        return fraction
-
-    @field_validator("label_noise")
-    @classmethod
-    def _noise_in_range(cls, rate: float) -> float:
-        try:
-            check_label_noise(rate)
-        except UserError as exc:
-            raise ValueError(str(exc).removeprefix("data.label_noise ")) from None
-        return rate
+            raise ValueError(str(exc).removeprefix(f"data.{info.field_name} ")) from None
+        return value
 
     @model_validator(mode="after")
     def _val_size_fits(self) -> DataConfig:
