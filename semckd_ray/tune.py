@@ -654,22 +654,24 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
         # the trial's process before fit() has closed the run FAILED: the metric says so all the same.
         diverged = "stopped_reason" in run.data.tags or bool(metrics.get("diverged"))
         stopped = run.data.tags.get("stopped_early") == "true"
-        reason = None
-        if status == "RUNNING" or (status == "FAILED" and not tune_errored and not diverged):
+        if diverged and (status != "FAILED"
+                         or not run.data.tags.get("failure_reason", "").startswith("training loss diverged")):
+            # Still RUNNING, or FAILED with the teardown's error that fit() wrote over the worker's reason.
+            status = "FAILED"
+            close_run(client, run.info.run_id, status, f"training loss diverged in epoch {epochs}")
+        elif status == "RUNNING" or (status == "FAILED" and not tune_errored):
             # Tune ended the trial's process before or while fit() closed the run: ASHA stopped
             # it early, or at max_t, the last epoch. Such a run neither failed nor keeps running:
             # a trial that ASHA stopped has ended as the search meant it to, and is FINISHED with
             # the tag stopped_early (MLflow's KILLED would show it as a failure, with a red cross).
             if tune_errored:
                 status = "FAILED"
-            elif diverged:
-                status, reason = "FAILED", f"training loss diverged in epoch {epochs}"
             else:
                 status = "FINISHED"
                 if epochs < base.optim.epochs:
                     stopped = True
                     client.set_tag(run.info.run_id, "stopped_early", "true")
-            close_run(client, run.info.run_id, status, reason)  # drops fit()'s reason for Tune's teardown
+            close_run(client, run.info.run_id, status)  # drops fit()'s reason for Tune's teardown
         if search is not None and "sweep_name" in run.data.tags:
             # The trials' numbers, in the order they started: two that started at once may have
             # counted the same runs before them.

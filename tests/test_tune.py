@@ -197,7 +197,8 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(ray_cluster, wor
 def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
     """A trial that Tune tore down (fit() wrote an ActorDiedError) but that ran all its epochs is
     FINISHED, one that ASHA stopped is FINISHED and tagged stopped early (MLflow's KILLED reads as a
-    failure in its UI); neither keeps a failure reason.
+    failure in its UI); neither keeps a failure reason. One whose loss diverged, and that Tune tore
+    down after its last report, is FAILED because it diverged, not because of the teardown.
     A run that failed once and then finished loses its old reason too."""
     from semckd_ray.config import parse_train_config
     from semckd_ray.trainer import _terminate
@@ -209,11 +210,14 @@ def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
     parent = mlflow.create_run(experiment, run_name="sweep").info.run_id
     torn_down = "ActorDiedError: The actor died unexpectedly: placement group was removed"
     trials = {}
-    for name, epochs in (("full", 3), ("stopped", 1)):
+    for name, epochs in (("full", 3), ("stopped", 1), ("diverged", 2)):
         run_id = mlflow.create_run(experiment, tags={"mlflow.parentRunId": parent, "tune_trial_id": name}).info.run_id
         for epoch in range(1, epochs + 1):
             mlflow.log_metric(run_id, "epoch", epoch, step=epoch)
         mlflow.log_metric(run_id, "best_val_top1", 50.0 + epochs)
+        if name == "diverged":  # what the worker logs, before fit() writes the teardown over it
+            mlflow.log_metric(run_id, "diverged", 1.0, step=epochs)
+            mlflow.set_tag(run_id, "stopped_reason", "non-finite training loss (nan) in epoch 2")
         _terminate(mlflow, run_id, "FAILED", reason=torn_down)
         trials[name] = run_id
     base = parse_train_config({**smoke_raw(workdir), "tracking": {"uri": uri, "experiment": "truth"}})
@@ -222,6 +226,9 @@ def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
     assert (full.info.status, stopped.info.status) == ("FINISHED", "FINISHED")
     assert stopped.data.tags["stopped_early"] == "true" and "stopped_early" not in full.data.tags
     assert "failure_reason" not in full.data.tags and "failure_reason" not in stopped.data.tags
+    diverged = mlflow.get_run(trials["diverged"])
+    assert diverged.info.status == "FAILED" and "stopped_early" not in diverged.data.tags
+    assert diverged.data.tags["failure_reason"] == "training loss diverged in epoch 2"
 
     retried = mlflow.create_run(experiment).info.run_id
     _terminate(mlflow, retried, "FAILED", reason="ConnectionError: the server went away")
