@@ -4,7 +4,9 @@ Every run's spool under the storage path (``<storage>/mlflow-spool/<run id>/``, 
 ``semckd_ray.spool``) is sent in order; a run whose training had ended is closed with the status it
 ended in (FINISHED, FAILED, KILLED), and a run whose training has not ended (it may still train, or
 wait for ``--resume``) keeps its status. A spool is removed once sent; one that cannot be sent stays
-for the next try. ``--config FILE`` takes the storage path and tracking URI from an experiment file.
+for the next try. Then each model ``tracking.register_model`` could not register while MLflow was down
+(``<storage>/mlflow-register/<run id>.json``) is registered. ``--config FILE`` takes the storage path
+and tracking URI from an experiment file.
 """
 
 from __future__ import annotations
@@ -60,10 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--storage {storage_root}: no such folder; pass the tracking.storage_path the "
                         "trainings wrote to")
     done = sync(storage_root, uri)
-    if not done:
+    # Then the models that waited for their runs' checkpoints to reach MLflow (tracking.register_model).
+    from semckd_ray.trainer import register_pending
+
+    registered = register_pending(storage_root, uri)
+    if not done and not registered:
         print(f"nothing to send: no spool under {tracking.redact(storage_root)}")
     for run_id, sent, status in done:
         print(f"run {run_id}: sent {sent} logging calls; status {status}")
+    for run_id, name, model in registered:
+        print(f"run {run_id}: registered as {model}" if model else
+              f"run {run_id}: its model {name!r} is not registered yet; run this again")
     return 0
 
 

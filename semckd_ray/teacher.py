@@ -5,6 +5,12 @@
 - ``runs:/<run_id>`` (the best checkpoint of a teacher trained here) or ``runs:/<run_id>/<artifact>``;
 - ``models:/<registered name>/<version>`` or ``models:/<name>@<alias>``.
 Checkpoints logged by this project carry their sha256 as a run tag, checked on download.
+
+A registered version made by ``semckd_ray.trainer.register_model`` is an MLflow model (a
+``StudentLogits`` exported with ``torch.export``) whose version tags name the run's checkpoint it
+was built from (``checkpoint``, ``checkpoint_sha256``): a teacher loads from that checkpoint. An
+older version (source ``runs:/<id>/checkpoints``) loads from its run's best checkpoint, as before;
+a version of any other PyTorch MLflow model of the zoo loads the weights of the model itself.
 """
 
 from __future__ import annotations
@@ -19,10 +25,33 @@ from semckd_ray.errors import UserError
 from semckd_ray.models import create_model, load_checkpoint
 
 
+# Tags of a model version made by semckd_ray.trainer.register_model: the run's checkpoint it was built from.
+VERSION_CHECKPOINT_TAG = "checkpoint"
+VERSION_CHECKPOINT_SHA_TAG = "checkpoint_sha256"
+
+
+class StudentLogits(nn.Module):
+    """A zoo model as its registered MLflow model serves it: ``forward(x)`` returns the logits alone.
+
+    The zoo's models return ``(logits, features)``; MLflow's signature, its pyfunc and serving take one
+    tensor out. ``model`` keeps the student's own module names (``model.<name>`` in the state dict).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
 def resolve_teacher_file(checkpoint: str, tracking_uri: str | None) -> str:
     """A local file holding the teacher's weights (downloaded from MLflow when needed)."""
     if checkpoint.startswith("models:/"):
-        run_id, artifact = _registered_model_source(checkpoint, tracking_uri)
+        version = _registered_version(checkpoint, tracking_uri)
+        if _is_plain_model(version):
+            return _model_weights_file(version, tracking_uri, checkpoint)
+        run_id, artifact = _version_checkpoint(version)
     elif checkpoint.startswith("runs:/"):
         run_id, _, artifact = checkpoint[len("runs:/"):].partition("/")
     else:
@@ -105,7 +134,74 @@ def load_teacher(cfg: TeacherConfig, num_classes: int, device: torch.device,
     return model.to(device)
 
 
-def _registered_model_source(uri: str, tracking_uri: str | None) -> tuple[str, str | None]:
+def _registered_model_source(uri: str, tracking_uri: str | None) -> tuple[str | None, str | None]:
+    """``(run id, artifact)`` of the registered version ``uri`` (artifact None: the run's best checkpoint)."""
+    return _version_checkpoint(_registered_version(uri, tracking_uri))
+
+
+def _version_checkpoint(version) -> tuple[str | None, str | None]:
+    source = version.source or ""
+    artifact = None
+    if source.startswith("runs:/"):
+        artifact = source[len("runs:/"):].partition("/")[2] or None
+        if artifact == "checkpoints":
+            artifact = None  # the folder this project registered before its MLflow models: its best checkpoint
+    elif (version.tags or {}).get(VERSION_CHECKPOINT_TAG):
+        artifact = version.tags[VERSION_CHECKPOINT_TAG]  # the checkpoint register_model built the model from
+    return version.run_id, artifact
+
+
+def _is_plain_model(version) -> bool:
+    """A version of an MLflow model that names no checkpoint of a run: its own weights are the teacher's."""
+    source = version.source or ""
+    return not source.startswith("runs:/") and not ((version.tags or {}).get(VERSION_CHECKPOINT_TAG) and version.run_id)
+
+
+def _model_weights_file(version, tracking_uri: str | None, uri: str) -> str:
+    """The weights of the PyTorch MLflow model behind ``version``, saved as a checkpoint in the official format.
+
+    Loaded by ``mlflow.pytorch.load_model``, which refuses a pickled model unless
+    ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true`` (the ``pt2`` format needs no pickle); a ``StudentLogits``'
+    ``model.`` prefix is dropped, so that the zoo model's own names remain.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.pytorch
+
+    try:
+        model = mlflow.pytorch.load_model(download_model(version.source, tracking_uri))
+    except Exception as exc:
+        from semckd_ray.tracking import redact
+
+        raise UserError(f"teacher.checkpoint {uri!r}: cannot load the PyTorch model of version {version.version} "
+                        f"of {version.name!r} ({type(exc).__name__}: {redact(str(exc))[:400]})") from None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if state and all(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    path = Path(tempfile.mkdtemp(prefix="semckd-teacher-")) / "model_weights.pt"
+    torch.save({"model": state}, path)
+    return str(path)
+
+
+def download_model(source: str, tracking_uri: str | None) -> str:
+    """The local folder of the MLflow model at ``source`` (``models:/<model id>``, as a version's source,
+    or any artifact URI) in the store ``tracking_uri``.
+
+    MLflow resolves a ``models:/`` URI in the store of its global tracking URI, whatever
+    ``download_artifacts`` is told: a logged model's files are found here by its artifact location.
+    """
+    import mlflow.artifacts
+
+    from semckd_ray.tracking import client
+
+    spec = source[len("models:/"):] if source.startswith("models:/") else ""
+    if spec and "/" not in spec and "@" not in spec:  # a logged model's id
+        source = client(tracking_uri).get_logged_model(spec).artifact_location
+    return mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
+
+
+def _registered_version(uri: str, tracking_uri: str | None):
     from semckd_ray.tracking import client
 
     spec = uri[len("models:/"):]
@@ -127,13 +223,7 @@ def _registered_model_source(uri: str, tracking_uri: str | None) -> tuple[str, s
         raise
     except Exception as exc:
         raise UserError(f"teacher.checkpoint {uri!r}: cannot read the registered model ({exc})") from None
-    source = version.source or ""
-    artifact = None
-    if source.startswith("runs:/"):
-        artifact = source[len("runs:/"):].partition("/")[2] or None
-        if artifact == "checkpoints":
-            artifact = None  # the folder this project registers: take its best checkpoint
-    return version.run_id, artifact
+    return version
 
 
 def _download_run_checkpoint(run_id: str, artifact: str | None, tracking_uri: str | None, uri: str) -> str:

@@ -22,6 +22,7 @@ from semckd_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics (CPU, memory, GPUs), logged on steps of their own
 # Environment variables whose values must never reach params, tags or artifacts.
 SECRET_MARKERS = ("PASSWORD", "TOKEN", "SECRET", "KEY", "CREDENTIAL")
 

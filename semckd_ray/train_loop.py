@@ -32,6 +32,7 @@ from semckd_ray.distill import DistillContext, Distiller, create_method, get_met
 from semckd_ray.errors import UserError
 from semckd_ray.models import create_model
 from semckd_ray.teacher import FrozenTeacher, load_teacher
+from semckd_ray.tracking import SYSTEM_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,8 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         tracker.logger.set_tag("worker_nodes", ",".join(nodes))
         # data/*.csv (class counts, the few-shot subset, the noisy labels) and data_* counts at step 0.
         log_training_data(tracker.logger, splits, tracker.folder, metrics=resume_dir is None)
+    # MLflow's system metrics (CPU, memory, GPUs) of each machine, from its first rank: see _SystemMetrics.
+    system = _SystemMetrics.start(tracking_uri, run_id, nodes, env.rank, gpu=env.device.type == "cuda") if run_id else None
     final: dict[str, float] = {}
     for epoch in range(state.epoch + 1, cfg.optim.epochs + 1):
         lr = lr_at(cfg, epoch)
@@ -395,6 +398,8 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             reporter.report(metrics, None)
             if env.rank == 0:
                 print(f"[{cfg.name}] stopped: {reason}", flush=True)
+            if system is not None:
+                system.stop()
             return metrics
         state.epoch = epoch
         save = last or epoch % cfg.checkpoint.every == 0
@@ -414,10 +419,14 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
                 # a trial right after the report it stops it on, and a checkpoint's epochs must
                 # outlive the worker that logged them.
                 tracker.logger.checkpoint()
+            if last and system is not None:  # its last sample sent before that report too
+                system.stop()
             reporter.report(metrics, checkpoint_dir)
         if env.rank == 0:
             _print_progress(cfg, metrics, epoch, seconds)
         final = metrics
+    if system is not None:
+        system.stop()
     if tracker is not None:
         tracker.close("FINISHED")
     return final
@@ -601,3 +610,147 @@ class _Tracker:
         if left:
             log.warning("MLflow is still unreachable; %d logging calls wait in the spool, to be sent by the "
                         "driver, a resumed training or `python -m semckd_ray.sync`", left)
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0  # seconds between samples; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+SYSTEM_METRICS_KEPT = 8640  # samples kept while MLflow is unreachable: a day's at 10 s, the oldest dropped first
+SYSTEM_METRICS_STOP_WAIT_S = 5.0  # how long the end of a training waits for the last sample to be sent
+
+
+class _SystemMetrics:
+    """MLflow's system metrics of this worker's machine, logged into the training's run every 10 s.
+
+    MLflow's ``SystemMetricsMonitor`` (``mlflow.system_metrics``) samples and names them, as
+    ``mlflow.start_run(log_system_metrics=True)`` would: ``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, ``system/system_memory_usage_percentage``, disk and
+    network, and per GPU ``system/gpu_<i>_utilization_percentage``, ``..._memory_usage_megabytes``,
+    ``..._memory_usage_percentage`` and power where NVML finds one (``pynvml``: the package
+    nvidia-ml-py). Its variables apply: ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` (seconds, default
+    ``SYSTEM_METRICS_INTERVAL_S``), ``MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING`` (samples averaged
+    into one logged point, default 1). Steps count the run's points: a restarted or resumed worker goes
+    on after the run's last one. On several nodes each node's first rank logs its own machine's, named
+    ``system/<host>_<node id>/...``; on one node rank 0 logs them without the node part.
+
+    MLflow's own loop is replaced (its sampling and naming are kept): MLflow's ends for good at the
+    first request that fails, and its ``finish()`` waits for MLflow's retries. Here a training never
+    waits and never fails for it: an outage costs one warning, the samples wait in memory (the last
+    ``SYSTEM_METRICS_KEPT``) and are sent when the server answers again; ``stop`` waits at most
+    ``SYSTEM_METRICS_STOP_WAIT_S``. They are best effort, not spooled: the samples a worker holds when
+    it ends during an outage are lost. The monitor also stops when the run is no longer RUNNING (a
+    training that ended without ``stop``: it failed).
+    """
+
+    _warned_missing = False  # psutil or pynvml missing: said once per process
+
+    def __init__(self, tracking_uri: str, run_id: str, node_id: str | None = None, gpu: bool = False):
+        import collections
+        import threading
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        from semckd_ray.tracking import client
+
+        # Without a GPU monitor MLflow says so at INFO, in every training: a GPU training is told below.
+        quiet = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                                samples_before_logging=1, node_id=node_id, tracking_uri=tracking_uri)
+        finally:
+            quiet.setLevel(level)
+        if gpu and not any(type(m).__name__ in ("GPUMonitor", "ROCMMonitor") for m in self.monitor.monitors):
+            _SystemMetrics._note_missing("GPU metrics need NVML's Python bindings: pip install nvidia-ml-py")
+        self.run_id = run_id
+        self.prefix = SYSTEM_PREFIX + (f"{self.monitor.node_id}/" if self.monitor.node_id else "")
+        self.interval = float(self.monitor.sampling_interval)
+        self.samples = max(1, int(self.monitor.samples_before_logging))
+        self._client = client(tracking_uri)
+        self._pending = collections.deque(maxlen=SYSTEM_METRICS_KEPT)  # (step from 0, time ms, metrics)
+        self._first_step: int | None = None  # the run's next step, asked once the server answers
+        self._count = 0
+        self._outage = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"system-metrics-{run_id[:8]}", daemon=True)
+
+    @classmethod
+    def start(cls, tracking_uri: str, run_id: str, nodes: list[str], rank: int, gpu: bool = False) -> _SystemMetrics | None:
+        """Start sampling on the first rank of this machine (``nodes``: each rank's node); never raises."""
+        import re
+
+        if nodes[rank] in nodes[:rank]:
+            return None  # another rank samples this machine
+        node_id = re.sub(r"[^0-9A-Za-z_.-]", "_", nodes[rank]) if len(set(nodes)) > 1 else None
+        try:
+            monitor = cls(tracking_uri, run_id, node_id=node_id, gpu=gpu)
+        except Exception as exc:  # psutil missing (an install without it), or a monitor that cannot start
+            cls._note_missing(f"no system metrics for this training ({type(exc).__name__}: {exc})")
+            return None
+        monitor._thread.start()
+        return monitor
+
+    @classmethod
+    def _note_missing(cls, message: str) -> None:
+        if not cls._warned_missing:
+            cls._warned_missing = True
+            log.warning(message)
+
+    def stop(self, timeout_s: float = SYSTEM_METRICS_STOP_WAIT_S) -> None:
+        """Take the last sample, send what is kept (waiting at most ``timeout_s``) and stop."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        import psutil
+
+        psutil.cpu_percent()  # CPU use is measured between two calls: each sample covers the interval before it
+        while True:
+            for _ in range(self.samples):
+                stopping = self._stop.wait(self.interval)
+                try:
+                    self.monitor.collect_metrics()
+                except Exception as exc:  # a sensor that fails once (NVML, a disk gone): the others go on
+                    log.debug("system metrics: a sample failed: %s", exc)
+                if stopping:
+                    break
+            try:
+                metrics = self.monitor.aggregate_metrics()
+            except Exception as exc:
+                log.debug("system metrics: no point this time: %s", exc)
+                metrics = {}
+            for monitor in self.monitor.monitors:
+                monitor.clear_metrics()
+            if metrics:
+                self._pending.append((self._count, int(time.time() * 1000), metrics))
+                self._count += 1
+            if not self._send() or stopping:
+                return
+
+    def _send(self) -> bool:
+        """Send the kept points; False once the run has ended."""
+        from mlflow.entities import Metric
+
+        from semckd_ray.tracking import redact
+
+        try:
+            run = self._client.get_run(self.run_id)
+            if self._first_step is None:
+                steps = [m.step for m in getattr(run.data, "_metric_objs", []) if m.key.startswith(self.prefix)]
+                self._first_step = max(steps) + 1 if steps else 0
+            points = list(self._pending)
+            batch = [Metric(self.prefix + key, float(value), ms, self._first_step + step)
+                     for step, ms, metrics in points for key, value in metrics.items()]
+            for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+                self._client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+            for _ in points:
+                self._pending.popleft()
+        except Exception as exc:  # any store or network error, after MLflow's own retries
+            if not self._outage:
+                self._outage = True
+                log.warning("system metrics of run %s: MLflow is unreachable (%s: %s); sampling goes on, and the "
+                            "samples are sent when it answers", self.run_id, type(exc).__name__, redact(str(exc))[:200])
+            return True
+        if self._outage:
+            self._outage = False
+            log.warning("system metrics of run %s: MLflow is reachable again", self.run_id)
+        return run.info.status == "RUNNING"

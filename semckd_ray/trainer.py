@@ -369,18 +369,182 @@ def finish_run(cfg: TrainConfig, run_id: str, status: str, reason: str | None = 
         return folder
 
 
-def register_model(cfg: TrainConfig, run_id: str) -> str | None:
-    """Register the run's checkpoints under ``tracking.register_model``; returns ``models:/name/version``."""
+REGISTER_DIR = "mlflow-register"  # <storage path>/mlflow-register/<run id>.json: registrations MLflow missed
+EXAMPLE_BATCH = 2  # images in a registered model's input example (above 1: torch.export keeps the batch dynamic)
+
+
+def register_model(cfg: TrainConfig, run_id: str, *, root: str | None = None) -> str | None:
+    """Log the run's student as an MLflow model and register it as a version of ``tracking.register_model``.
+
+    Returns ``models:/NAME/VERSION``, or None when nothing is registered now (no name configured,
+    the run failed, or MLflow cannot take it: then it is deferred, see below). The model is built
+    by ``log_student_model``: ``mlflow.pytorch.load_model("models:/NAME/VERSION")`` gives the student
+    of the run's best checkpoint, its logits only, in eval mode.
+
+    It is logged from the driver, after ``fit``, not from rank 0 of the workers: the model is built
+    from the checkpoint file the run holds (``checkpoints/best_model.pt``, downloaded and checked
+    against its sha256 tag), so it exists only once that file reached MLflow, which the driver knows
+    (it sent the spool, then closed the run); ``mlflow.pytorch.log_model`` writes a model entity and
+    its files synchronously, which the workers' spool (metrics, params, tags and run artifacts, sent
+    in the background) cannot queue; and a worker's last act must stay quick, since Tune may end its
+    process right after the last report. The cost is one download of the best checkpoint (the
+    student and the method's modules) on the driver.
+
+    MLflow unreachable at the end (the run's spool still waits on the storage path ``root``, or the
+    server fails now): the registration is recorded in ``<root>/mlflow-register/<run id>.json`` and a
+    warning says so; ``register_pending`` (which ``python -m semckd_ray.sync`` runs after sending
+    the spools) registers it once the server answers. Any other failure (the server answers, but the
+    model could not be made or taken) is a warning: the training's result stands.
+    """
     name = cfg.tracking.register_model
     if not name:
         return None
-    mlflow_client = tracking.client(cfg.tracking.uri)
+    from semckd_ray import storage
+    from semckd_ray.nodes import storage_path as resolve
+
+    root = root or resolve(cfg, [], check=False)
+    if storage.exists(spool_dir(root, run_id)):  # its checkpoints are not on the server yet
+        _defer_registration(root, run_id, name, cfg.tracking.uri, "the run's last logging calls wait in its spool")
+        return None
     try:
-        mlflow_client.create_registered_model(name)
-    except Exception:
-        pass  # it exists already: add a version
-    version = mlflow_client.create_model_version(name, source=f"runs:/{run_id}/checkpoints", run_id=run_id)
-    return f"models:/{name}/{version.version}"
+        return log_student_model(cfg.tracking.uri, run_id, name)
+    except UserError as exc:
+        log.warning("the model of run %s is not registered as %r: %s", run_id, name, exc)
+        return None
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {tracking.redact(str(exc))[:300]}"
+        try:
+            tracking.check_reachable(cfg.tracking.uri)
+        except Exception:  # the server is down: sync registers it later
+            _defer_registration(root, run_id, name, cfg.tracking.uri, why)
+            return None
+        log.warning("the model of run %s is not registered as %r (%s); its checkpoints are in the run", run_id,
+                    name, why)
+        return None
+
+
+def log_student_model(tracking_uri: str, run_id: str, name: str) -> str:
+    """Log the student of run ``run_id``'s best checkpoint as an MLflow model, register it under ``name``,
+    and return ``models:/NAME/VERSION`` (the version this run has already, if it has one).
+
+    The model (``mlflow.pytorch.log_model``, a LoggedModel of the run's experiment, linked to the run
+    at the checkpoint's epoch) is a ``teacher.StudentLogits`` around the student with the weights as
+    trained (BatchNorm not folded), exported in eval mode with ``torch.export`` (MLflow's ``pt2``
+    format): loading it needs torch and MLflow only, neither this package nor pickle, and its
+    logits equal the student's. Its signature is a float32 tensor ``[-1, 3, 32, 32]`` of normalised
+    images in, ``[-1, classes]`` logits out; its input example is a seeded batch of
+    ``EXAMPLE_BATCH`` standard-normal images of that shape (the driver may not hold the dataset).
+    The loaded module is the exported eval-mode graph (BatchNorm on running statistics): torch 2.14
+    refuses ``.eval()``/``.train()`` on it, and it needs neither. SemCKD's modules and the training
+    state stay in the run's ``checkpoints`` artifacts; the version's tags ``checkpoint`` and
+    ``checkpoint_sha256`` name the file it was built from, which a teacher given as this version loads.
+    Raises ``UserError`` for a run without a best checkpoint, MLflow's errors as they come.
+    """
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from semckd_ray.data import num_classes
+    from semckd_ray.models import create_model, load_checkpoint
+    from semckd_ray.models.checkpoint import read_checkpoint
+    from semckd_ray.teacher import (VERSION_CHECKPOINT_SHA_TAG, VERSION_CHECKPOINT_TAG, StudentLogits,
+                                    _download_run_checkpoint)
+
+    mlflow_client = tracking.client(tracking_uri)
+    done = mlflow_client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if done:  # registered already (a retry after the version was made): once per run
+        return f"models:/{name}/{max(int(v.version) for v in done)}"
+    run = mlflow_client.get_run(run_id)
+    if run.info.status == "FAILED":
+        raise UserError(f"run {run_id} failed ({run.data.tags.get('failure_reason', 'no reason logged')})")
+    local = _download_run_checkpoint(run_id, None, tracking_uri, f"runs:/{run_id}")  # the best, sha-checked
+    artifact = run.data.tags["checkpoint.best.path"]
+    blob = read_checkpoint(Path(local))
+    config = blob.get("config") or {}
+    params = run.data.params
+    student_name = (config.get("student") or {}).get("model") or params["student.model"]
+    dataset = (config.get("data") or {}).get("dataset") or params["data.dataset"]
+    classes = num_classes(dataset)
+    student = create_model(student_name, num_classes=classes)
+    load_checkpoint(student, blob)
+    model = StudentLogits(student).eval()
+    example = np.random.default_rng(0).standard_normal((EXAMPLE_BATCH, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    epoch = int(blob.get("epoch") or 0)
+    source = {VERSION_CHECKPOINT_TAG: artifact, VERSION_CHECKPOINT_SHA_TAG: run.data.tags.get("checkpoint.best.sha256", "")}
+    logged = mlflow_client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id, model_type="image-classifier",
+        params={"student.model": student_name, "data.dataset": dataset, "num_classes": str(classes),
+                "checkpoint.epoch": str(epoch)},
+        tags=source,
+    )
+    # log_model, and the registry when it reads the model a version is made of, resolve the store from
+    # MLflow's global tracking URI: this run's, meanwhile.
+    with _use_tracking_uri(tracking_uri):
+        info = mlflow.pytorch.log_model(
+            model, name="model", model_id=logged.model_id, run_id=run_id, step=epoch, signature=signature,
+            input_example=example, serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # no local tag (+cu130)
+        )
+        try:
+            mlflow_client.create_registered_model(name)
+        except Exception:
+            pass  # it exists already: add a version
+        version = mlflow_client.create_model_version(
+            name, source=info.model_uri, run_id=run_id, model_id=info.model_id, tags=source,
+            description=f"{student_name} on {dataset}, the best checkpoint of run {run_id} (epoch {epoch})",
+        )
+    uri = f"models:/{name}/{version.version}"
+    mlflow_client.set_tag(run_id, "registered_model", uri)
+    return uri
+
+
+def _defer_registration(root: str, run_id: str, name: str, tracking_uri: str, why: str) -> None:
+    import json
+
+    from semckd_ray import storage
+
+    storage.write_text(storage.join(root, REGISTER_DIR, f"{run_id}.json"),
+                       json.dumps({"run_id": run_id, "name": name, "tracking_uri": tracking.redact(tracking_uri)}))
+    log.warning("MLflow cannot take the model of run %s now (%s): it is registered as %r by "
+                "'python -m semckd_ray.sync --storage %s' once the server answers", run_id, why, name,
+                tracking.redact(root))
+
+
+def register_pending(storage_root: str, tracking_uri: str) -> list[tuple[str, str, str | None]]:
+    """Register the models ``register_model`` deferred under ``storage_root``; returns (run id, name,
+    ``models:/NAME/VERSION`` or None where it must wait). Run after the spools are sent: a run whose
+    spool is still there keeps waiting. A registration that can never succeed (the run failed, has no
+    best checkpoint) is dropped with a warning; one that fails otherwise waits for the next try."""
+    import json
+
+    from semckd_ray import storage
+
+    folder = storage.join(storage_root, REGISTER_DIR)
+    done = []
+    for entry in sorted(storage.list_dir(folder)):
+        if not entry.endswith(".json"):
+            continue
+        path = storage.join(folder, entry)
+        info = json.loads(storage.read_text(path))
+        run_id, name = info["run_id"], info["name"]
+        uri = None
+        if not storage.exists(spool_dir(storage_root, run_id)):
+            try:
+                uri = log_student_model(tracking_uri, run_id, name)
+            except UserError as exc:
+                log.warning("the model of run %s is not registered as %r: %s", run_id, name, exc)
+                storage.delete(path)
+            except Exception as exc:
+                log.warning("the model of run %s is still not registered as %r (%s: %s); run this again",
+                            run_id, name, type(exc).__name__, tracking.redact(str(exc))[:300])
+            else:
+                storage.delete(path)
+        done.append((run_id, name, uri))
+    return done
 
 
 def close_run(mlflow_client, run_id: str, status: str, reason: str | None = None) -> None:
@@ -470,8 +634,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
         storage.write_text(storage.join(root, name, TRAIN_FILE), json.dumps(
             {"run_id": run_id, "name": name, "config_sha256": config_digest(cfg), "started": time.time()}))
     result = fit(cfg, run_id=run_id, train_run_name=name)
-    if result.spool is None:  # MLflow down at the end: nothing to register into; `sync` says so
-        result.registered_model = register_model(cfg, run_id)
+    # MLflow down at the end (the run's spool waits): deferred until `sync`, which says so.
+    result.registered_model = register_model(cfg, run_id, root=result.storage_root)
     return result
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from semckd_ray import tracking
+from semckd_ray.tracking import SYSTEM_PREFIX
 from semckd_ray.cli import config_arguments, run_cli
 from semckd_ray.config import (
     MAX_EPOCHS,
@@ -238,7 +239,8 @@ def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, p
     if run.info.status == "FINISHED":
         # Finished before the sweep's driver died, but Tune's saved state did not know yet:
         # report the logged result instead of training again.
-        tune.report({**run.data.metrics, "epoch": int(run.data.metrics.get("epoch", cfg.optim.epochs))})
+        logged = {k: v for k, v in run.data.metrics.items() if not k.startswith(SYSTEM_PREFIX)}
+        tune.report({**logged, "epoch": int(logged.get("epoch", cfg.optim.epochs))})
         return
     if repeats == 1:
         fit(cfg, run_id=run_id, train_run_name=f"{sweep_name}-{trial_id}", callbacks=[TuneReportCallback()])
@@ -362,6 +364,8 @@ def _history(uri: str, run_id: str) -> dict[int, dict[str, float]]:
     run = client.get_run(run_id)
     out: dict[int, dict[str, float]] = {}
     for key in run.data.metrics:
+        if key.startswith(SYSTEM_PREFIX):  # the machine's samples, on their own steps
+            continue
         for m in client.get_metric_history(run_id, key):
             out.setdefault(m.step, {})[key] = m.value
     return out
@@ -634,7 +638,9 @@ def _find_sweep(root: str, name: str, resume: str) -> tuple[str, dict[str, Any]]
 
 
 def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConfig) -> dict[str, Any]:
-    """Close every trial's run truthfully, tag the best, and log the summary on the parent."""
+    """Close every trial's run truthfully, tag the best, and log the summary on the parent, with
+    Optuna's view of the search (``semckd_ray.optuna_views``: ``optuna/param_importances.csv``, its
+    figure, ``optuna/history.png``, metrics ``importance/<name>``), rebuilt from the trials' runs."""
     from semckd_ray.trainer import close_run
 
     client = tracking.client(base.tracking.uri)
@@ -689,6 +695,11 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             "epochs": epochs,
             "status": "STOPPED_EARLY" if stopped and status == "FINISHED" else status,
         })
+    if search is not None and search.space:
+        from semckd_ray.optuna_views import log_optuna_views
+
+        # The trials in the order they started (the history's x axis); it never raises.
+        log_optuna_views(client, parent_run_id, rows, search.space, short_names(list(search.space)))
     rows.sort(key=lambda r: -r["best_val_top1"] if math.isfinite(r["best_val_top1"]) else math.inf)
     best = rows[0] if rows and math.isfinite(rows[0]["best_val_top1"]) else None
     if best is not None:

@@ -104,6 +104,18 @@ def test_submitted_sweep_logs_parent_children_metrics_and_checkpoints(mlflow_ser
         assert row["status"] in (("FAILED",) if child["info"]["run_id"] in diverged else ("FINISHED", "STOPPED_EARLY"))
     assert steps(best_id, "val_top1") == list(range(1, epochs + 1))
     assert {"checkpoints/best_model.pt", "checkpoints/last.pt"} <= artifacts(best_id, path="checkpoints")
+    # MLflow's system metrics of the machine it trained on, sampled at least at its end.
+    system = {k for k in metrics(best[0]) if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    # Optuna's view of the search on the parent: the history always, the importances where two
+    # trials completed (else a tag says why they were left out).
+    views = artifacts(parent_id, path="optuna")
+    assert "optuna/history.png" in views
+    if len(children) - len(diverged) >= 2:
+        assert {"optuna/param_importances.csv", "optuna/param_importances.png"} <= views, views
+        assert any(k.startswith("importance/") for k in metrics(parent))
+    else:
+        assert "optuna.param_importances" in tags(parent)
 
     # The teacher the sweep distils from was trained by the same job, into the same server.
     teachers = mlflow_server.search_runs(eid, "tags.role = 'teacher'")
