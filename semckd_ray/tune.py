@@ -665,7 +665,7 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             # Still RUNNING, or FAILED with the teardown's error that fit() wrote over the worker's reason.
             status = "FAILED"
             close_run(client, run.info.run_id, status, f"training loss diverged in epoch {epochs}")
-        elif status == "RUNNING" or (status == "FAILED" and not tune_errored):
+        elif not diverged and (status == "RUNNING" or (status == "FAILED" and not tune_errored)):
             # Tune ended the trial's process before or while fit() closed the run: ASHA stopped
             # it early, or at max_t, the last epoch. Such a run neither failed nor keeps running:
             # a trial that ASHA stopped has ended as the search meant it to, and is FINISHED with

@@ -210,15 +210,16 @@ def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
     parent = mlflow.create_run(experiment, run_name="sweep").info.run_id
     torn_down = "ActorDiedError: The actor died unexpectedly: placement group was removed"
     trials = {}
-    for name, epochs in (("full", 3), ("stopped", 1), ("diverged", 2)):
+    for name, epochs in (("full", 3), ("stopped", 1), ("diverged", 2), ("diverged_closed", 1)):
         run_id = mlflow.create_run(experiment, tags={"mlflow.parentRunId": parent, "tune_trial_id": name}).info.run_id
         for epoch in range(1, epochs + 1):
             mlflow.log_metric(run_id, "epoch", epoch, step=epoch)
         mlflow.log_metric(run_id, "best_val_top1", 50.0 + epochs)
-        if name == "diverged":  # what the worker logs, before fit() writes the teardown over it
+        if name.startswith("diverged"):  # what the worker logs, and then fit() may write the teardown over it
             mlflow.log_metric(run_id, "diverged", 1.0, step=epochs)
-            mlflow.set_tag(run_id, "stopped_reason", "non-finite training loss (nan) in epoch 2")
-        _terminate(mlflow, run_id, "FAILED", reason=torn_down)
+            mlflow.set_tag(run_id, "stopped_reason", f"non-finite training loss (nan) in epoch {epochs}")
+        closed = f"training loss diverged in epoch {epochs}" if name == "diverged_closed" else torn_down
+        _terminate(mlflow, run_id, "FAILED", reason=closed)
         trials[name] = run_id
     base = parse_train_config({**smoke_raw(workdir), "tracking": {"uri": uri, "experiment": "truth"}})
     summarize(base, parent, None, None)
@@ -226,9 +227,10 @@ def test_tags_tell_the_truth_once_a_run_is_closed(workdir):
     assert (full.info.status, stopped.info.status) == ("FINISHED", "FINISHED")
     assert stopped.data.tags["stopped_early"] == "true" and "stopped_early" not in full.data.tags
     assert "failure_reason" not in full.data.tags and "failure_reason" not in stopped.data.tags
-    diverged = mlflow.get_run(trials["diverged"])
-    assert diverged.info.status == "FAILED" and "stopped_early" not in diverged.data.tags
-    assert diverged.data.tags["failure_reason"] == "training loss diverged in epoch 2"
+    for name, epochs in (("diverged", 2), ("diverged_closed", 1)):  # closed by the teardown, or as it should be
+        diverged = mlflow.get_run(trials[name])
+        assert diverged.info.status == "FAILED" and "stopped_early" not in diverged.data.tags
+        assert diverged.data.tags["failure_reason"] == f"training loss diverged in epoch {epochs}"
 
     retried = mlflow.create_run(experiment).info.run_id
     _terminate(mlflow, retried, "FAILED", reason="ConnectionError: the server went away")
