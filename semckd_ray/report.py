@@ -1385,7 +1385,10 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
                            out / "curves_vanilla.png", labels)
         figures.append(("Learning curves, vanilla training", path))
     sweeps = sorted((r for r in runs if r.data.tags.get("role") == "sweep"), key=lambda r: r.info.start_time)
-    for sweep in sweeps:
+    # A grid of whole configurations (python -m semckd_ray.reproduce, searched as "cell") searches
+    # nothing: it is the table, with no score to plot against its cells nor importances.
+    searches = [s for s in sweeps if "search.space.cell.type" not in s.data.params]
+    for sweep in searches:
         trials = [r for r in runs if r.data.tags.get(tracking.PARENT_RUN_TAG) == sweep.info.run_id]
         path = plot_sweep(client, sweep, trials, out / f"sweep_{_slug(sweep.info.run_name)}.png")
         if path is not None:
@@ -1405,7 +1408,7 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
     if transfer is not None:
         files.append(_write_csv(out / "transfer.csv", _transfer_lines(transfer), TRANSFER_COLUMNS))
         sections += transfer_markdown(transfer)
-    optuna_lines, optuna_files = optuna_markdown(client, sweeps, out)
+    optuna_lines, optuna_files = optuna_markdown(client, searches, out)
     sections += optuna_lines
     files.extend(optuna_files)
 

@@ -264,16 +264,18 @@ def _download_run_checkpoint(run_id: str, artifact: str | None, tracking_uri: st
     return local
 
 
-def ensure_teacher(cfg: TrainConfig) -> TrainConfig:
+def ensure_teacher(cfg: TrainConfig, *, resume: bool = False) -> TrainConfig:
     """Fill ``teacher.checkpoint`` from ``teacher.train``: reuse a finished run of that config, or train it.
 
     The teacher's run is found by the digest of its resolved config, so a changed teacher file
-    trains a new teacher and an unchanged one is trained once per tracking store.
+    trains a new teacher and an unchanged one is trained once per tracking store. ``resume``: an
+    unfinished training of the teacher (its driver was killed) continues from its last checkpoint
+    instead of starting again.
     """
     if cfg.teacher is None or cfg.teacher.checkpoint:
         return cfg
     from semckd_ray.config import load_train_config
-    from semckd_ray.trainer import config_digest, find_finished_run, train
+    from semckd_ray.trainer import config_digest, find_finished_run, find_training, train
 
     teacher_cfg = load_train_config(cfg.teacher.train)
     if teacher_cfg.student.model != cfg.teacher.model:
@@ -293,8 +295,15 @@ def ensure_teacher(cfg: TrainConfig) -> TrainConfig:
     teacher_cfg.data.root = cfg.data.root
     run_id = find_finished_run(teacher_cfg, config_digest(teacher_cfg))
     if run_id is None:
-        print(f"[semckd-ray] training the teacher {cfg.teacher.model} first ({cfg.teacher.train})", flush=True)
-        run_id = train(teacher_cfg).run_id
+        unfinished = None
+        if resume:
+            try:
+                unfinished = find_training(teacher_cfg, "latest")[0]
+            except UserError:
+                pass  # none of this config: trained from the start
+        if unfinished is None:
+            print(f"[semckd-ray] training the teacher {cfg.teacher.model} first ({cfg.teacher.train})", flush=True)
+        run_id = train(teacher_cfg, resume="latest" if unfinished else None).run_id
     else:
         print(f"[semckd-ray] reusing teacher run {run_id} ({cfg.teacher.train})", flush=True)
     teacher = TeacherConfig(model=cfg.teacher.model, checkpoint=f"runs:/{run_id}")

@@ -421,9 +421,9 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
                 tracker.logger.checkpoint()
             if last and system is not None:  # its last sample sent before that report too
                 system.stop()
+            if env.rank == 0:  # before the report too: a trial's last line is printed
+                _print_progress(cfg, metrics, epoch, seconds)
             reporter.report(metrics, checkpoint_dir)
-        if env.rank == 0:
-            _print_progress(cfg, metrics, epoch, seconds)
         final = metrics
     if system is not None:
         system.stop()

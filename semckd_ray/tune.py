@@ -151,13 +151,21 @@ class SearchConfig(_Section):
         return optuna.samplers.TPESampler(seed=self.seed)
 
 
-def parse_search(raw: dict[str, Any], config_dir: Path) -> tuple[SearchConfig, TrainConfig]:
-    """Validate the search section and check that every value it may sample gives a valid config."""
+def parse_search(raw: dict[str, Any], config_dir: Path,
+                 cells: list[dict[str, Any]] | None = None) -> tuple[SearchConfig, TrainConfig]:
+    """Validate the search section and check that every value it may sample gives a valid config.
+
+    ``cells``: a grid of whole configurations (``semckd_ray.reproduce``), searched as the one key
+    ``CELL``; each cell's ``set`` (dotted key -> value) applied to ``raw`` must be a valid config."""
     try:
         search = SearchConfig.model_validate(raw.get("search") or {})
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, model=SearchConfig, prefix="search")) from None
     base = parse_train_config(raw, config_dir=config_dir)  # a typo in the training config comes first
+    if cells is not None:
+        for cell in cells:
+            cell_config(raw, cell, config_dir)
+        return search, base
     if not search.space:
         raise UserError("search.space is empty: name at least one dotted config key to search, "
                         "e.g. method.beta: {type: loguniform, low: 10, high: 1000}")
@@ -215,24 +223,46 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {key: key for key in keys}
 
 
+CELL = "cell"  # the one searched key of a grid of configurations: an index into its cells
+
+
+def cell_config(raw: dict[str, Any], cell: dict[str, Any], config_dir: str | Path) -> TrainConfig:
+    """The training config of one grid cell: ``raw`` with the cell's ``set`` (dotted key -> value)."""
+    trial_raw = json.loads(json.dumps(raw))
+    for key, value in cell["set"].items():
+        set_dotted(trial_raw, key, value)
+    try:
+        return parse_train_config(trial_raw, config_dir=config_dir)
+    except UserError as exc:
+        label = ", ".join(f"{k}={v}" for k, v in cell["label"].items())
+        raise UserError(f"the grid's run {label}: {exc}") from None
+
+
 def _sampled(params: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     """A trial's values by dotted key (a sweep started before short names had nested params)."""
     return {names.get(k, k): v for k, v in flatten(params).items()}
 
 
 def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, parent_run_id: str,
-              sweep_name: str, repeats: int, names: dict[str, str]) -> None:
-    """A Tune function trainable: one Ray Train run per repeat, logged as the trial's MLflow run."""
+              sweep_name: str, repeats: int, names: dict[str, str], cells: list[dict[str, Any]] | None = None) -> None:
+    """A Tune function trainable: one Ray Train run per repeat, logged as the trial's MLflow run.
+
+    With ``cells`` (a grid of configurations) the trial trains the cell its ``CELL`` value names,
+    and its run is tagged with the cell's label (``searched.<key>``) instead of the index."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from semckd_ray.trainer import fit
 
     sampled = _sampled(params, names)
-    trial_raw = json.loads(json.dumps(raw))
-    for key, value in sampled.items():
-        set_dotted(trial_raw, key, value)
-    cfg = parse_train_config(trial_raw, config_dir=config_dir)
+    if cells is not None:
+        cell = cells[int(sampled[CELL])]
+        cfg, sampled = cell_config(raw, cell, config_dir), dict(cell["label"])
+    else:
+        trial_raw = json.loads(json.dumps(raw))
+        for key, value in sampled.items():
+            set_dotted(trial_raw, key, value)
+        cfg = parse_train_config(trial_raw, config_dir=config_dir)
     trial_id = tune.get_context().get_trial_id()
     run_id = _trial_run(cfg, parent_run_id, trial_id, sampled, sweep_name)
     run = tracking.client(cfg.tracking.uri).get_run(run_id)
@@ -423,7 +453,8 @@ def sweep_run_name(sweep_name: str) -> str:
 def trial_run_name(sweep_name: str, number: int, sampled: dict[str, Any]) -> str:
     """``default 17:12 #03 beta=34.3 factor=8 soft=1.18``: the sweep, the trial's number, its values."""
     name, clock, _ = _sweep_clock(sweep_name)
-    values = " ".join(f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in sorted(sampled.items()))
+    short = {key: name for name, key in short_names(list(sampled)).items()}  # teacher.model, student.model
+    values = " ".join(f"{short[key]}={_short(value)}" for key, value in sorted(sampled.items()))
     return " ".join(part for part in (name, clock[:5], f"#{number:02d}", values) if part)
 
 
@@ -435,9 +466,17 @@ def _short(value: Any) -> str:
 # The sweep
 
 
-def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> dict[str, Any]:
+def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None, *,
+          cells: list[dict[str, Any]] | None = None, grid_sha256: str | None = None, callbacks=None) -> dict[str, Any]:
+    """Run the sweep of ``raw`` (its ``search`` section), or continue it (``resume``); returns the summary.
+
+    ``cells``: a grid of whole configurations instead of a search (``semckd_ray.reproduce``): the
+    search section is then a grid over ``CELL``; ``grid_sha256`` (default: ``grid_digest(cells)``)
+    is what a resumed grid must match. ``callbacks``: a function of the parent run's id that
+    returns more Tune callbacks for a new sweep (Tune keeps them in its saved state: a resumed sweep
+    has them again)."""
     # First of all, before Ray, MLflow or torch is imported: the config and the search space.
-    search, base = parse_search(raw, config_dir)
+    search, base = parse_search(raw, config_dir, cells)
 
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -454,6 +493,9 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     base.tracking.uri = tracking.resolve_tracking_uri(base.tracking.uri)
     # Next, before Ray or a teacher's training starts: a wrong --resume PATH is refused.
     found = _find_sweep(storage_path(base, [], check=False), base.name, resume) if resume else None
+    grid = (grid_sha256 or grid_digest(cells)) if cells is not None else None
+    if found is not None:
+        check_same_grid(found[1], grid)
     tracking.check_reachable(base.tracking.uri)
     base = preflight(ensure_teacher(base))
     # Every trial shares the resolved teacher, tracking store and absolute paths.
@@ -480,12 +522,12 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
     else:
         sweep_name = f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_dir = storage.join(root, sweep_name)  # where Tune keeps the sweep: a folder or a URI
-        parent_run_id = _start_parent(base, search, sweep_name, raw)
+        parent_run_id = _start_parent(base, search, sweep_name, raw, cells)
 
     names = short_names(list(search.space))
     trainable = tune.with_parameters(
         run_trial, raw=raw, config_dir=str(config_dir), parent_run_id=parent_run_id,
-        sweep_name=sweep_name, repeats=search.repeats, names=names,
+        sweep_name=sweep_name, repeats=search.repeats, names=names, cells=cells,
     )
     # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs:
     # reserving a CPU for it as well would leave the workers of concurrent trials none to run on.
@@ -513,12 +555,14 @@ def sweep(raw: dict[str, Any], config_dir: Path, resume: str | None = None) -> d
             # Every trial's results go to MLflow; Tune keeps its CSV and JSON per trial, and no TensorBoard
             # files (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, below) that nobody is told to read.
             run_config=tune.RunConfig(name=sweep_name, storage_path=root, verbose=1,
-                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                                                 *(callbacks(parent_run_id) if callbacks else [])],
                                       failure_config=tune.FailureConfig(max_failures=base.scaling.max_failures)),
         )
         # What --resume finds, beside Tune's own state, through the storage path's filesystem.
         _write_sweep(sweep_dir, json.dumps(
-                {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": tracking.redact(base.tracking.uri)}))
+                {"parent_run_id": parent_run_id, "sweep_name": sweep_name, "tracking_uri": tracking.redact(base.tracking.uri),
+                 "grid_sha256": grid}))
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read by tuner.fit(), in this process
     print(f"[semckd-ray] sweep {sweep_name}: {search.num_samples} trials, up to {capacity()} at a time on the "
           f"cluster as it is now; MLflow parent run {parent_run_id} ({sweep_run_name(sweep_name)!r})", flush=True)
@@ -548,7 +592,23 @@ def _send_spools(client, root: str, parent_run_id: str) -> None:
             send_spool(client, run_id, folder)
 
 
-def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw: dict[str, Any]) -> str:
+def grid_digest(cells: list[dict[str, Any]], raw: dict[str, Any] | None = None) -> str:
+    """What a resumed grid must match: its cells, in order (each trial trains the cell of its
+    index), and the config they apply to."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"cells": cells, "raw": raw}, sort_keys=True).encode()).hexdigest()
+
+
+def check_same_grid(marker: dict[str, Any], grid_sha256: str | None) -> None:
+    """A sweep resumed as it started: a search as a search, a grid with the same runs and config."""
+    if marker.get("grid_sha256") != grid_sha256:
+        raise UserError(f"--resume: the sweep {marker['sweep_name']} ran another grid (or search); resume it with "
+                        "the file and --set values it started with, or start again without --resume")
+
+
+def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw: dict[str, Any],
+                  cells: list[dict[str, Any]] | None = None) -> str:
     client = tracking.client(base.tracking.uri)
     experiment_id = tracking.get_or_create_experiment(client, base.tracking.experiment)
     run = client.create_run(experiment_id, run_name=sweep_run_name(sweep_name), tags={
@@ -567,12 +627,17 @@ def _start_parent(base: TrainConfig, search: SearchConfig, sweep_name: str, raw:
         path = Path(tmp) / "experiment.yaml"
         path.write_text(yaml.safe_dump(tracking.redact(raw), sort_keys=False))
         client.log_artifact(run.info.run_id, str(path))
+        if cells is not None:  # what each trial's cell index stands for
+            path = Path(tmp) / "grid.json"
+            path.write_text(json.dumps(tracking.redact(cells), indent=1))
+            client.log_artifact(run.info.run_id, str(path))
     # The sweep's trials, best first, with the searched values and the scores as columns.
+    searched = list(search.space) if cells is None else list(dict.fromkeys(k for c in cells for k in c["label"]))
     tracking.share_runs_view(
         client, experiment_id, run.info.run_id,
         search_filter=f"tags.sweep_name = '{sweep_name}' and tags.role != 'sweep'",
         order_by=f"metrics.`{METRIC}`",
-        columns=[*(f"params.`{key}`" for key in search.space), f"metrics.`{METRIC}`", "metrics.`test_top1_at_best_val`",
+        columns=[*(f"params.`{key}`" for key in searched), f"metrics.`{METRIC}`", "metrics.`test_top1_at_best_val`",
                  "metrics.`epoch`", "tags.`stopped_early`", "tags.`best_trial`"],
     )
     return run.info.run_id
@@ -695,7 +760,7 @@ def summarize(base: TrainConfig, parent_run_id: str, results, search: SearchConf
             "epochs": epochs,
             "status": "STOPPED_EARLY" if stopped and status == "FINISHED" else status,
         })
-    if search is not None and search.space:
+    if search is not None and search.space and CELL not in search.space:  # a grid of configs has no importances
         from semckd_ray.optuna_views import log_optuna_views
 
         # The trials in the order they started (the history's x axis); it never raises.

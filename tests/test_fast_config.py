@@ -82,8 +82,20 @@ def test_a_training_config_mistake_is_reported_without_importing_torch_ray_or_ml
 
 
 def test_a_valid_config_is_validated_without_importing_torch_ray_or_mlflow():
-    script = ("import sys\nfrom semckd_ray.config import load_train_config\n"
-              "for path in sys.argv[1:]:\n    load_train_config(path)\n"
+    """Every experiment file: a training's (and its search), or a reproduction's with every run of its grid."""
+    script = ("import sys\nfrom pathlib import Path\nfrom semckd_ray.config import read_yaml\n"
+              "from semckd_ray.reproduce import grid_cells, parse_reproduce, sweep_raw\n"
+              "from semckd_ray.tune import parse_search\n"
+              "for path in map(Path, sys.argv[1:]):\n"
+              "    raw = read_yaml(path)\n"
+              "    if 'pairs' in raw:\n"
+              "        spec = parse_reproduce(raw)\n"
+              "        parse_search(sweep_raw(spec), path.parent, grid_cells(spec))\n"
+              "    elif 'search' in raw:\n"
+              "        parse_search(raw, path.parent)\n"
+              "    else:\n"
+              "        from semckd_ray.config import parse_train_config\n"
+              "        parse_train_config(raw, config_dir=path.parent)\n"
               f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     configs = sorted(str(p) for p in (REPO / "tune_configs").glob("*.yaml"))
     proc = subprocess.run([sys.executable, "-c", script, *configs], cwd=REPO, capture_output=True, text=True,
