@@ -24,11 +24,24 @@ def error_of(raw) -> str:
 
 
 def test_every_shipped_config_is_valid():
+    """A training's experiment file, or a reproduction's (``pairs``: every run of its grid is a valid config)."""
+    from semckd_ray.reproduce import grid_cells, parse_reproduce, sweep_raw
+    from semckd_ray.tune import cell_config
+
     files = sorted((REPO / "tune_configs").glob("*.yaml"))
     assert files
+    grids = 0
     for path in files:
+        raw = yaml.safe_load(path.read_text())
+        if "pairs" in raw:
+            spec = parse_reproduce(raw)
+            configs = [cell_config(sweep_raw(spec), cell, path.parent) for cell in grid_cells(spec)]
+            assert {c.tracking.experiment for c in configs} == {spec.recipe["tracking"]["experiment"]}
+            grids += 1
+            continue
         cfg = load_train_config(path)
         assert cfg.student.model
+    assert grids == 4
 
 
 def test_unknown_key_names_the_key_and_the_allowed_keys():
