@@ -1387,7 +1387,9 @@ def make_report(client, experiment_name: str, out: Path, store: str) -> Report:
     sweeps = sorted((r for r in runs if r.data.tags.get("role") == "sweep"), key=lambda r: r.info.start_time)
     # A grid of whole configurations (python -m semckd_ray.reproduce, searched as "cell") searches
     # nothing: it is the table, with no score to plot against its cells nor importances.
-    searches = [s for s in sweeps if "search.space.cell.type" not in s.data.params]
+    from semckd_ray.tune import CELL
+
+    searches = [s for s in sweeps if f"search.space.{CELL}.type" not in s.data.params]
     for sweep in searches:
         trials = [r for r in runs if r.data.tags.get(tracking.PARENT_RUN_TAG) == sweep.info.run_id]
         path = plot_sweep(client, sweep, trials, out / f"sweep_{_slug(sweep.info.run_name)}.png")

@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from semckd_ray import tracking
 from semckd_ray.cli import config_arguments, run_cli
-from semckd_ray.config import MAX_SEED, _Section, apply_overrides, format_validation_error, read_yaml, set_dotted
+from semckd_ray.config import MAX_SEED, _Section, apply_overrides, format_validation_error, read_yaml
 from semckd_ray.errors import UserError
 
 # Keys every run of the grid shares sit under ``recipe``; these are the grid's, set per run.
@@ -164,13 +164,11 @@ def grid_cells(spec: ReproduceConfig, checkpoints: dict[str, str] | None = None)
 def sweep_raw(spec: ReproduceConfig) -> dict[str, Any]:
     """The grid as a sweep: the recipe, the first run's settings (every run sets its own), and a
     search section that runs each cell once, none stopped early."""
-    from semckd_ray.tune import CELL
+    from semckd_ray.tune import CELL, with_values
 
-    raw = json.loads(json.dumps({"name": spec.name, **spec.recipe}))
-    raw["tracking"] = {"experiment": spec.name, **(raw.get("tracking") or {})}
     cells = grid_cells(spec)
-    for key, value in cells[0]["set"].items():
-        set_dotted(raw, key, value)
+    raw = with_values({"name": spec.name, **spec.recipe}, cells[0]["set"])
+    raw["tracking"] = {"experiment": spec.name, **(raw.get("tracking") or {})}
     raw["search"] = {"sampler": "grid", "space": {CELL: {"type": "choice", "values": list(range(len(cells)))}},
                      "scheduler": {"type": "none"}, "max_concurrent": spec.max_concurrent}
     return raw
@@ -199,21 +197,20 @@ def reproduce(raw_file: dict[str, Any], config_dir: Path, resume: str | None = N
     from semckd_ray.nodes import storage_path
 
     spec = parse_reproduce(raw_file)
-    raw = sweep_raw(spec)
+    raw, unresolved = sweep_raw(spec), grid_cells(spec)
     # Every run's config and a wrong --resume are refused before a teacher trains or Ray starts.
-    _, base = tune.parse_search(raw, config_dir, grid_cells(spec))
+    _, base = tune.parse_search(raw, config_dir, unresolved)
     base.tracking.uri = raw["tracking"]["uri"] = tracking.resolve_tracking_uri(base.tracking.uri)
     # The grid as the file gives it (teachers by their source): a changed file is not resumed.
-    digest = tune.grid_digest(grid_cells(spec), {k: v for k, v in raw.items() if k not in ("teacher", "tracking")})
+    digest = tune.grid_digest(unresolved, {k: v for k, v in raw.items() if k not in ("teacher", "tracking")})
     if resume:
         tune.check_same_grid(tune._find_sweep(storage_path(base, [], check=False), base.name, resume)[1], digest)
     tracking.check_reachable(base.tracking.uri)
-    total = len(grid_cells(spec))
+    total = len(unresolved)
     print(f"[semckd-ray] {spec.name}: {total} runs ({len(spec.pairs)} pairs, {len(spec.methods)} methods, "
           f"{len(spec.seeds)} seeds{_vary_text(spec)})", flush=True)
     cells = grid_cells(spec, resolve_teachers(spec, raw, config_dir, resume is not None))
-    for key, value in cells[0]["set"].items():  # the sweep's base: its first run, teacher resolved
-        set_dotted(raw, key, value)
+    raw = tune.with_values(raw, cells[0]["set"])  # the sweep's base: its first run, teacher resolved
 
     def progress(parent_run_id: str) -> list:
         from semckd_ray.grid_progress import GridProgress

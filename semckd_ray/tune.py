@@ -176,8 +176,7 @@ def parse_search(raw: dict[str, Any], config_dir: Path,
             if not key.startswith("method.options."):
                 raise UserError(f"search.space key {key!r} is not a config key") from None
         for value in spec.probe_values():
-            probe = json.loads(json.dumps(raw))
-            set_dotted(probe, key, value)
+            probe = with_values(raw, {key: value})
             try:
                 parse_train_config(probe, config_dir=config_dir)
             except UserError as exc:
@@ -226,11 +225,17 @@ def short_names(keys: list[str]) -> dict[str, str]:
 CELL = "cell"  # the one searched key of a grid of configurations: an index into its cells
 
 
+def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config ``raw`` with ``values`` (dotted key -> value) set in it."""
+    out = json.loads(json.dumps(raw))
+    for key, value in values.items():
+        set_dotted(out, key, value)
+    return out
+
+
 def cell_config(raw: dict[str, Any], cell: dict[str, Any], config_dir: str | Path) -> TrainConfig:
     """The training config of one grid cell: ``raw`` with the cell's ``set`` (dotted key -> value)."""
-    trial_raw = json.loads(json.dumps(raw))
-    for key, value in cell["set"].items():
-        set_dotted(trial_raw, key, value)
+    trial_raw = with_values(raw, cell["set"])
     try:
         return parse_train_config(trial_raw, config_dir=config_dir)
     except UserError as exc:
@@ -259,10 +264,7 @@ def run_trial(params: dict[str, Any], *, raw: dict[str, Any], config_dir: str, p
         cell = cells[int(sampled[CELL])]
         cfg, sampled = cell_config(raw, cell, config_dir), dict(cell["label"])
     else:
-        trial_raw = json.loads(json.dumps(raw))
-        for key, value in sampled.items():
-            set_dotted(trial_raw, key, value)
-        cfg = parse_train_config(trial_raw, config_dir=config_dir)
+        cfg = parse_train_config(with_values(raw, sampled), config_dir=config_dir)
     trial_id = tune.get_context().get_trial_id()
     run_id = _trial_run(cfg, parent_run_id, trial_id, sampled, sweep_name)
     run = tracking.client(cfg.tracking.uri).get_run(run_id)
