@@ -124,3 +124,39 @@ def test_trainer_runs_the_teacher_in_the_configured_layout(tmp_path, monkeypatch
     final = run_worker(cfg, LocalReporter(tmp_path / "ckpt"))
     assert built == [(expected, torch.contiguous_format)]
     assert final["val_top1"] >= 0
+
+
+@pytest.mark.parametrize("resume, unfinished, expected", [
+    (False, "run-a", None),  # without --resume a teacher never continues an old training
+    (True, "run-a", "latest"),  # with it, the interrupted training goes on from its checkpoint
+    (True, None, None),  # nothing to continue: trained from the start
+])
+def test_ensure_teacher_continues_an_interrupted_teacher_only_when_resuming(tmp_path, monkeypatch, capsys,
+                                                                          resume, unfinished, expected):
+    from pathlib import Path
+
+    from semckd_ray import trainer
+    from semckd_ray.config import parse_train_config, read_yaml
+    from semckd_ray.errors import UserError
+    from semckd_ray.teacher import ensure_teacher
+
+    smoke = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
+    cfg = parse_train_config(read_yaml(smoke), config_dir=smoke.parent)
+    calls = []
+
+    def find_training(teacher_cfg, which):
+        assert which == "latest"
+        if unfinished is None:
+            raise UserError("--resume: no unfinished training")
+        return unfinished, f"teacher-digits-{unfinished}"
+
+    class Result:
+        run_id = "run-b"
+
+    monkeypatch.setattr(trainer, "find_finished_run", lambda teacher_cfg, digest: None)
+    monkeypatch.setattr(trainer, "find_training", find_training)
+    monkeypatch.setattr(trainer, "train", lambda teacher_cfg, resume=None: calls.append(resume) or Result())
+    resolved = ensure_teacher(cfg, resume=resume)
+    assert calls == [expected]
+    assert resolved.teacher.checkpoint == "runs:/run-b"
+    assert ("training the teacher resnet20 first" in capsys.readouterr().out) == (expected is None)
