@@ -15,6 +15,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,6 +52,7 @@ class DistillContext:
     num_classes: int = 100
     num_train: int = 0  # size of the training set (CRD's memory bank)
     train_labels: Tensor | None = None  # labels of the training set by index (CRD's negative sampling)
+    device: torch.device | None = None  # where the method runs: CRD allocates its memory bank there (None: CPU)
 
 
 class DistillMethod(MethodSpec, nn.Module):

@@ -11,6 +11,12 @@ Negatives are drawn as RepDistiller's ``CIFAR100InstanceSample`` in ``exact`` mo
 sample, ``nce_k`` training samples of other classes, without replacement unless there are fewer
 than that. The draw happens here rather than in the data loader, from ``ctx.train_labels``; without
 labels it falls back to RepDistiller's sampler-less path, uniform over the whole memory.
+
+At ImageNet's 1.28M samples the bank is 1.3 GB (two banks of feat_dim floats per sample), allocated
+once on the device that trains (``ctx.device``) after checking it fits there, and no step touches
+O(N) memory: negatives come from a sampler over the class-sorted sample order (O(B K) per step) and
+the scores from gathering the picked rows. Small training sets (CIFAR) keep the dense path, where
+one [B, N] product is cheaper than a [B, 1 + K, feat_dim] gather.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from semckd_ray.distill.base import DistillContext, DistillMethod, register_meth
 from semckd_ray.distill.catalog import CRDSpec
 from semckd_ray.errors import UserError
 
-__all__ = ["CRD", "Embed", "nce_loss"]
+__all__ = ["CRD", "Embed", "nce_loss", "memory_bank_bytes", "check_memory_bank_fits"]
 
 _NCE_EPS = 1e-7  # RepDistiller's crd/criterion.py eps
 
@@ -69,6 +75,38 @@ def _gather_rows(*tensors: Tensor) -> list[Tensor]:
         dist.all_gather(parts, padded)
         gathered.append(torch.cat([p[:c] for p, c in zip(parts, counts)]))
     return gathered
+
+
+# Above B x N elements per step, negatives come from the sparse sampler (CIFAR: 64 x 45000 = 2.9M).
+_DENSE_MAX_ELEMENTS = 1 << 24
+
+
+def memory_bank_bytes(num_train: int, feat_dim: int) -> int:
+    """Bytes of CRD's two float32 memory banks (one row per training sample each)."""
+    return 2 * num_train * feat_dim * 4
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` now, or None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available
+    return None
+
+
+def check_memory_bank_fits(num_train: int, feat_dim: int, device: torch.device) -> None:
+    """A ``UserError`` naming the memory the bank would take when ``device`` has less free."""
+    need, free = memory_bank_bytes(num_train, feat_dim), _free_bytes(device)
+    if free is not None and need > free:
+        gib = 1 << 30
+        raise UserError(
+            f"crd's memory bank needs {need / gib:.2f} GiB on {device} (2 banks x {num_train} training samples "
+            f"x feat_dim {feat_dim} x 4 bytes), which has {free / gib:.2f} GiB free: lower "
+            "method.options.feat_dim, train on fewer samples (data.train_fraction) or use a device with more memory"
+        )
 
 
 @register_method
@@ -118,16 +156,28 @@ class CRD(CRDSpec, DistillMethod):
         self.momentum = float(opts.nce_m)
         self.embed_s = Embed(math.prod(ctx.student_shapes[-1]), opts.feat_dim)
         self.embed_t = Embed(math.prod(ctx.teacher_shapes[-1]), opts.feat_dim)
+        device = torch.device("cpu") if ctx.device is None else torch.device(ctx.device)
+        check_memory_bank_fits(num_train, opts.feat_dim, device)
         stdv = 1.0 / math.sqrt(opts.feat_dim / 3)
         # memory_s holds student embeddings (the negatives for the teacher's anchors), memory_t
-        # the teacher's; RepDistiller's memory_v1 and memory_v2.
-        self.register_buffer("memory_s", torch.rand(num_train, opts.feat_dim) * (2 * stdv) - stdv)
-        self.register_buffer("memory_t", torch.rand(num_train, opts.feat_dim) * (2 * stdv) - stdv)
+        # the teacher's; RepDistiller's memory_v1 and memory_v2. Drawn on the CPU (the same numbers
+        # on any device), one bank at a time, and moved.
+        for name in ("memory_s", "memory_t"):
+            self.register_buffer(name, (torch.rand(num_train, opts.feat_dim) * (2 * stdv) - stdv).to(device))
         # NCE normalisation constants (student anchors, teacher anchors), fixed on the first step
         # from that batch's mean score; negative means not yet set.
-        self.register_buffer("z", torch.full((2,), -1.0))
+        self.register_buffer("z", torch.full((2,), -1.0, device=device))
         # Labels move with the module but are not state: they come from the dataset on every build.
-        self.register_buffer("train_labels", labels, persistent=False)
+        self.register_buffer("train_labels", None if labels is None else labels.to(device), persistent=False)
+        # The dense paths cost O(B N) per step (B the batch): fine for CIFAR, not for ImageNet.
+        self.dense = ctx.batch_size * num_train <= _DENSE_MAX_ELEMENTS
+        self.dense_scores = num_train <= ctx.batch_size * (self.num_negatives + 1)
+        if labels is not None and not self.dense:
+            # Samples sorted by class: class c's samples are positions [start[c], start[c] + count[c]).
+            counts = torch.bincount(labels)
+            self.register_buffer("by_class", labels.argsort(stable=True).to(device), persistent=False)
+            self.register_buffer("class_count", counts.to(device), persistent=False)
+            self.register_buffer("class_start", (counts.cumsum(0) - counts).to(device), persistent=False)
 
     def forward(self, out_s, out_t, target, index=None):
         if index is None:
@@ -161,6 +211,8 @@ class CRD(CRDSpec, DistillMethod):
             idx = torch.randint(0, self.num_train, (bsz, k + 1), device=index.device)
             idx[:, 0] = index
             return idx
+        if not self.dense:
+            return torch.cat([index[:, None], self._other_class_sample(index)], dim=1)
         same = self.train_labels[None, :] == self.train_labels[index][:, None]  # [B, N]
         # The K smallest of iid uniform keys are a uniform K-subset; same-class samples get a key
         # above every other one, so they are never picked while other-class samples remain.
@@ -172,15 +224,48 @@ class CRD(CRDSpec, DistillMethod):
             negatives[too_few] = torch.multinomial((~same[too_few]).float(), k, replacement=True)
         return torch.cat([index[:, None], negatives], dim=1)
 
+    def _other_class_sample(self, index: Tensor) -> Tensor:
+        """[B, K] negatives: for each sample a uniform K-subset of the samples of other classes.
+
+        The j-th sample of another class than c is ``by_class[j]`` below c's block and
+        ``by_class[j + count[c]]`` from it on, so a draw of j in [0, N - count[c]) is a draw among
+        them. Draws with replacement become a subset by redrawing repeated values until none is
+        left; the procedure only compares values, so its result is invariant under any permutation
+        of the candidates, which makes it uniform. With fewer than K candidates, with replacement
+        (as RepDistiller). O(B K) memory and time per step, at any N.
+        """
+        labels = self.train_labels[index]
+        start, count = self.class_start[labels][:, None], self.class_count[labels][:, None]
+        others = self.num_train - count  # [B, 1]
+        k = self.num_negatives
+        draws = (torch.rand((len(index), k), device=index.device) * others).long().minimum(others - 1)
+        unique_possible = others >= k  # [B, 1]
+        while True:
+            ordered, order = draws.sort(dim=1)
+            repeated = torch.zeros_like(draws, dtype=torch.bool)
+            repeated.scatter_(1, order[:, 1:], ordered[:, 1:] == ordered[:, :-1])
+            repeated &= unique_possible
+            if not bool(repeated.any()):
+                break
+            fresh = (torch.rand(draws.shape, device=index.device) * others).long().minimum(others - 1)
+            draws = torch.where(repeated, fresh, draws)
+        positions = torch.where(draws < start, draws, draws + count)
+        return self.by_class[positions]
+
     def _exp_scores(self, anchors: Tensor, memory: Tensor, contrast_idx: Tensor) -> Tensor:
         """exp(<memory[contrast_idx[b, k]], anchors[b]> / T), shape [B, 1 + K].
 
-        Scoring against the whole memory and picking the columns is the same arithmetic as
-        RepDistiller's gather-then-bmm but never materialises a [B, 1 + K, feat_dim] copy of the
-        memory (537 MB at the official sizes), and is several times faster. The product keeps a
-        copy of the memory for its backward because the memory is updated in place before that.
+        While the memory is smaller than the B (1 + K) rows a gather would copy (CIFAR: 50000 rows
+        against 64 x 16385), scoring against the whole memory and picking the columns is the same
+        arithmetic as RepDistiller's gather-then-bmm, never materialises the [B, 1 + K, feat_dim]
+        copy (537 MB at the official sizes), and is several times faster; the product keeps a copy
+        of the memory for its backward because the memory is updated in place before that. A larger
+        memory (ImageNet) is gathered, which copies B (1 + K) rows and not all N.
         """
-        scores = (anchors @ memory.t().clone()).gather(1, contrast_idx)
+        if self.dense_scores:
+            scores = (anchors @ memory.t().clone()).gather(1, contrast_idx)
+        else:
+            scores = torch.bmm(memory[contrast_idx], anchors[:, :, None].to(memory.dtype))[:, :, 0]
         return torch.exp(scores / self.temperature)
 
     @torch.no_grad()

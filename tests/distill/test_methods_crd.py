@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from semckd_ray.distill import DistillContext, create_method
+from semckd_ray.distill import crd as crd_module
+from semckd_ray.errors import UserError
 
 NUM_TRAIN, S_DIM, T_DIM = 40, 6, 5
 
@@ -63,6 +65,65 @@ def test_without_labels_negatives_are_uniform_over_the_memory():
     assert idx.min() >= 0 and idx.max() < NUM_TRAIN
 
 
+@pytest.fixture
+def sparse(monkeypatch):
+    """CRDs built from here on draw negatives as at ImageNet's size, by the class-sorted sampler."""
+    monkeypatch.setattr(crd_module, "_DENSE_MAX_ELEMENTS", 0)
+
+
+def test_sampled_negatives_are_other_classes_without_repeats(sparse):
+    labels = torch.tensor([3, 0, 1, 2] * 10)  # not sorted: the sampler sorts by class itself
+    crd = _crd(labels, nce_k=25)
+    assert not crd.dense
+    index = torch.tensor([0, 5, 10, 39])
+    idx = crd._contrast_indices(index)
+    assert idx.shape == (4, 26) and torch.equal(idx[:, 0], index)
+    negatives = idx[:, 1:]
+    assert (labels[negatives] != labels[index][:, None]).all()
+    assert all(row.unique().numel() == 25 for row in negatives)
+
+
+def test_sampled_negatives_repeat_only_when_a_class_has_too_few(sparse):
+    labels = torch.zeros(NUM_TRAIN, dtype=torch.long)
+    labels[:3] = 1  # class 1 has 37 negatives, class 0 only 3
+    crd = _crd(labels, nce_k=20)
+    idx = crd._contrast_indices(torch.tensor([0, 10]))
+    assert (labels[idx[0, 1:]] == 0).all() and idx[0, 1:].unique().numel() == 20
+    assert (labels[idx[1, 1:]] == 1).all() and set(idx[1, 1:].tolist()) <= {0, 1, 2}
+
+
+def test_sampled_negatives_are_a_uniform_subset(sparse):
+    """Every other-class sample is picked equally often, and pairs of them too (a subset, not a sequence
+    of independent draws: the redrawing must not favour any candidate)."""
+    torch.manual_seed(0)
+    labels = torch.arange(NUM_TRAIN) % 4  # 30 candidates for sample 1
+    crd = _crd(labels, nce_k=6)
+    rows = 6000
+    negatives = crd._contrast_indices(torch.ones(rows, dtype=torch.long))[:, 1:]
+    candidates = (labels != labels[1]).nonzero().flatten()
+    counts = torch.bincount(negatives.flatten(), minlength=NUM_TRAIN)[candidates].double()
+    expected = rows * 6 / 30  # 1200; binomial sd ~31
+    assert counts.sum() == rows * 6
+    assert (counts - expected).abs().max() < 0.15 * expected
+    together = torch.zeros(NUM_TRAIN, NUM_TRAIN)
+    member = torch.zeros(rows, NUM_TRAIN).scatter_(1, negatives, 1.0)
+    together = member.t() @ member
+    pairs = together[candidates][:, candidates][~torch.eye(30, dtype=torch.bool)]
+    expected_pairs = rows * (6 * 5) / (30 * 29)  # 207; sd ~14
+    assert (pairs - expected_pairs).abs().max() < 0.35 * expected_pairs
+
+
+def test_a_memory_bank_that_does_not_fit_is_refused_with_its_size(monkeypatch):
+    monkeypatch.setattr(crd_module, "_free_bytes", lambda device: 1 << 30)
+    with pytest.raises(UserError, match=r"needs 1[.]22 GiB on cpu .*1281167 training samples.*1[.]00 GiB free") as err:
+        crd_module.check_memory_bank_fits(1281167, 128, torch.device("cpu"))
+    err.match("feat_dim")  # what to lower
+    monkeypatch.setattr(crd_module, "_free_bytes", lambda device: 1 << 20)
+    with pytest.raises(UserError, match="crd's memory bank needs"):
+        _crd(num_train=NUM_TRAIN, feat_dim=8192)
+    assert crd_module.memory_bank_bytes(1281167, 128) == 2 * 1281167 * 128 * 4
+
+
 def _reference_loss(v_s, v_t, memory_s, memory_t, idx, z, temperature, num_train):
     """RepDistiller's ContrastLoss, one sample and one candidate at a time."""
     noise = (idx.shape[1] - 1) / num_train
@@ -76,9 +137,11 @@ def _reference_loss(v_s, v_t, memory_s, memory_t, idx, z, temperature, num_train
     return total / idx.shape[0]
 
 
-def test_loss_normalisers_and_memory_update_follow_repdistiller(monkeypatch):
+@pytest.mark.parametrize("dense_scores", [True, False], ids=["scores-all-rows", "gathered-rows"])
+def test_loss_normalisers_and_memory_update_follow_repdistiller(monkeypatch, dense_scores):
     torch.manual_seed(0)
     crd = _crd(torch.arange(NUM_TRAIN) % 5, nce_k=12).double()
+    crd.dense_scores = dense_scores  # both ways of scoring compute RepDistiller's loss
     out_s, out_t = _outputs(4, seed=1, dtype=torch.float64)
     index = torch.tensor([3, 1, 4, 33])
     idx = crd._contrast_indices(index)
