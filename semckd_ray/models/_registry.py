@@ -27,6 +27,7 @@ ZOO: dict[str, tuple[str, ...]] = {
     "mobilenetv2": ("MobileNetV2",),
     "shufflenetv1": ("ShuffleV1",),
     "shufflenetv2": ("ShuffleV2",),
+    "resnet_imagenet": ("ResNet18", "ResNet34", "ResNet50", "MobileNetV2_Imagenet"),
 }
 
 _MODULE_OF = {name: f"{__package__}.{module}" for module, names in ZOO.items() for name in names}

@@ -3,7 +3,8 @@
 There is one checkpoint format, the official one: a dict whose ``"model"`` entry is the model's
 state dict, next to any other entries (``"epoch"``, ``"best_acc"``, ``"optimizer"``, SemCKD's
 ``"attention"`` module...). Since the zoo keeps the reference module names, a teacher trained
-with the official code loads as it is. A bare state dict is accepted too.
+with the official code loads as it is. A bare state dict is accepted too, which is what
+torchvision's published weight files are: they load into the zoo's ImageNet models as they are.
 
 Files are always read with ``torch.load(..., weights_only=True)``: a checkpoint is data, and a
 pickle that would import or call code is refused rather than run.
@@ -42,7 +43,7 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
     else:
         path = Path(source)
         label = f"checkpoint file '{path}'"
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, published=getattr(model, "pretrained_file", None))
     found = _find_state_dict(checkpoint, label)
     state_dict = _strip_ddp_prefix(found)
     _check_compatible(model, state_dict, label)
@@ -51,10 +52,14 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
     return {**other_entries, "model": state_dict}
 
 
-def read_checkpoint(path: Path) -> Any:
-    """The contents of a checkpoint file, read with ``weights_only=True``; a ``UserError`` if it cannot be."""
+def read_checkpoint(path: Path, *, published: tuple[str, str] | None = None) -> Any:
+    """The contents of a checkpoint file, read with ``weights_only=True``; a ``UserError`` if it cannot be.
+
+    ``published``: ``(file name, URL)`` of published weights that fit the model the file is for (a
+    zoo model's ``pretrained_file``), which the message of a missing file says to put there.
+    """
     if not path.is_file():
-        raise UserError(f"checkpoint file '{path}' does not exist or is not a file; check the path.")
+        raise UserError(f"checkpoint file '{path}' does not exist or is not a file; {_where_to_get(path, published)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as err:
@@ -69,6 +74,14 @@ def read_checkpoint(path: Path) -> Any:
         raise _unreadable(path, err) from None
     except Exception as err:  # a damaged file can fail anywhere in the unpickler, with any error type
         raise _unreadable(path, err) from None
+
+
+def _where_to_get(path: Path, published: tuple[str, str] | None) -> str:
+    if published is None:
+        return "check the path."
+    name, url = published
+    return (f"check the path, or save there the published ImageNet weights (1000 classes) of this model: "
+            f"torchvision's {name}, from {url}")
 
 
 def _unreadable(path: Path, err: Exception) -> UserError:
