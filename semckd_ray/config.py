@@ -32,10 +32,13 @@ from pydantic import (
 
 from semckd_ray.data.catalog import (
     DATASETS,
+    IN_MEMORY_IMAGE_SIZE,
+    STREAMED_IMAGE_SIZE,
     check_label_noise,
     check_train_fraction,
     check_val_size,
     fewest_train_images,
+    is_streamed,
 )
 from semckd_ray.distill.catalog import make_options, method_spec
 from semckd_ray.errors import UserError
@@ -148,6 +151,17 @@ class DataConfig(_Section):
     # The share of the training labels (after train_fraction; never val or test) redrawn uniformly
     # among all classes (symmetric noise, as the official dataset/label_noise.py), drawn with split_seed.
     label_noise: float = 0.0
+    # Streamed datasets only (imagefolder, decoded by Ray Data tasks on any node's CPUs): the side of
+    # the square crops the models see (None: 224), RandomResizedCrop's area range for training, and
+    # the side evaluation images are resized to before their centre crop (None: image_size / 0.875,
+    # 256 for 224). Datasets held in memory are 32x32 and take none of them.
+    image_size: int | None = Field(default=None, ge=8, le=1024)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    eval_resize: int | None = Field(default=None, ge=8, le=2048)
+    # CPUs of the cluster Ray Data may use for decoding at once (None: what the workers leave free),
+    # and the batches each worker keeps decoded ahead of its training step.
+    decode_cpus: float | None = Field(default=None, gt=0)
+    prefetch_batches: int = Field(default=2, ge=0, le=64)
 
     @field_validator("train_fraction", "label_noise")
     @classmethod
@@ -159,6 +173,49 @@ class DataConfig(_Section):
             raise ValueError(str(exc).removeprefix(f"data.{info.field_name} ")) from None
         return value
 
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"must be [low, high] with 0 < low <= high <= 1 (the share of an image's area a "
+                             f"training crop covers; ImageNet's: [0.08, 1.0]), got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _streaming_keys_for_streamed_data(self) -> DataConfig:
+        if is_streamed(self.dataset):
+            if self.download:
+                raise ValueError(f"data.download: {self.dataset} is a folder tree of your own (ImageNet cannot be "
+                                 "downloaded without an account): lay it out under data.root and set download: false")
+            resize = self.eval_resize if self.eval_resize is not None else self.eval_size()
+            if resize < self.input_size():
+                raise ValueError(f"data.eval_resize={resize} is smaller than the crop data.image_size="
+                                 f"{self.input_size()}: allowed {self.input_size()} or more")
+            return self
+        streaming = {"image_size": None, "crop_scale": (0.08, 1.0), "eval_resize": None, "decode_cpus": None,
+                     "prefetch_batches": 2}
+        set_here = [f"data.{key}" for key, default in streaming.items() if getattr(self, key) != default]
+        if set_here:
+            streamed = ", ".join(name for name, info in DATASETS.items() if info.streamed)
+            verb = "applies" if len(set_here) == 1 else "apply"
+            raise ValueError(f"{', '.join(set_here)} {verb} to streamed datasets only ({streamed}); "
+                             f"{self.dataset} is held in memory at {IN_MEMORY_IMAGE_SIZE}x{IN_MEMORY_IMAGE_SIZE}: "
+                             "remove them")
+        return self
+
+    def input_size(self) -> int:
+        """The side of the square images the models see."""
+        if not is_streamed(self.dataset):
+            return IN_MEMORY_IMAGE_SIZE
+        return self.image_size if self.image_size is not None else STREAMED_IMAGE_SIZE
+
+    def eval_size(self) -> int:
+        """The side evaluation images are resized to before their centre crop of ``input_size()``."""
+        if self.eval_resize is not None:
+            return self.eval_resize
+        return round(self.input_size() / 0.875)
+
     @model_validator(mode="after")
     def _val_size_fits(self) -> DataConfig:
         try:
@@ -167,10 +224,10 @@ class DataConfig(_Section):
             raise ValueError(str(exc)) from None
         return self
 
-    def train_images(self) -> int:
+    def train_images(self) -> int | None:
         """Images left for training once the val split is held out and ``train_fraction`` is kept:
         exact at fraction 1, else the fewest the per-class rounding can leave (no file is read;
-        ``semckd_ray.data.catalog.fewest_train_images``)."""
+        ``semckd_ray.data.catalog.fewest_train_images``); None for a folder tree, known once listed."""
         return fewest_train_images(self.dataset, self.val_size, self.train_fraction)
 
 
@@ -353,7 +410,7 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _batch_fits_training_split(self) -> TrainConfig:
         images = self.data.train_images()
-        if self.optim.batch_size > images:
+        if images is not None and self.optim.batch_size > images:
             workers = self.scaling.num_workers
             largest = images // workers * workers
             fraction = self.data.train_fraction

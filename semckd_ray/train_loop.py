@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 BEST_FILE = "best.pt"
 CHECKPOINT_FORMAT = "semckd-ray/1"
+_MAX_NAMED_FILES = 5  # undecodable images a progress line names
 
 
 class Reporter(Protocol):
@@ -201,14 +202,104 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def feature_shapes(model: nn.Module, device: torch.device) -> tuple[tuple[int, ...], ...]:
-    """Per-sample shapes of every feature, from a probe batch in eval mode (as the official code)."""
+def feature_shapes(model: nn.Module, device: torch.device, size: int = 32) -> tuple[tuple[int, ...], ...]:
+    """Per-sample shapes of every feature, from a probe batch of ``size`` x ``size`` images in eval mode
+    (as the official code): the data's resolution, whatever the model was designed for."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        _, feats = model(torch.randn(2, 3, 32, 32, device=device))
+        _, feats = model(torch.randn(2, 3, size, size, device=device))
     model.train(was_training)
     return tuple(tuple(f.shape[1:]) for f in feats)
+
+
+@dataclass
+class WorkerData:
+    """A worker's view of the dataset: its loaders and what the methods need to know of the training split.
+
+    ``train`` / ``val`` / ``test`` iterate batches ``(images, labels, index)`` of this rank's shard
+    (``semckd_ray.data.BatchLoader`` in memory, ``semckd_ray.data.folder_stream.StreamLoader`` streamed).
+    """
+
+    num_classes: int
+    num_train: int
+    train_labels: Tensor | None  # by dataset index (CRD's negatives)
+    train: Any
+    val: Any
+    test: Any
+    attention: Any  # batch size -> the loader SemCKD's attention is measured on: full batches of val
+    log: Any  # (tracker, metrics: bool) -> None: what the training split is, into the run
+
+
+def _in_memory_data(cfg: TrainConfig, env: WorkerEnv, batch: int, fixed_batch: bool, channels_last: bool) -> WorkerData:
+    """The dataset loaded into this worker's memory (on a GPU, copied to it), sharded by rank."""
+    if cfg.data.download:
+        _prepare_data(cfg, env)
+    # train_fraction and label_noise change the training split only; both are drawn from split_seed.
+    splits = load_dataset(cfg.data.dataset, cfg.data.root, download=False, val_size=cfg.data.val_size,
+                          seed=cfg.data.split_seed, train_fraction=cfg.data.train_fraction,
+                          label_noise=cfg.data.label_noise)
+    placement = dict(device=env.device, channels_last=channels_last,
+                     keep_on_device=env.device.type == "cuda", pin_memory=env.device.type == "cuda")
+    shard = dict(rank=env.rank, world_size=env.world_size)
+
+    def log(tracker: _Tracker, metrics: bool) -> None:
+        # data/*.csv (class counts, the few-shot subset, the noisy labels) and data_* counts at step 0.
+        log_training_data(tracker.logger, splits, tracker.folder, metrics=metrics)
+
+    return WorkerData(
+        num_classes=splits.num_classes,
+        num_train=len(splits.train.labels),
+        train_labels=splits.train.labels,
+        train=train_loader(splits, batch, seed=cfg.seed, drop_last=fixed_batch, **shard, **placement),
+        val=eval_loader(splits, "val", cfg.data.eval_batch_size, **shard, **placement),
+        test=eval_loader(splits, "test", cfg.data.eval_batch_size, **shard, **placement),
+        attention=lambda size: attention_loader(splits, size, **shard, **placement),
+        log=log,
+    )
+
+
+def _streamed_data(cfg: TrainConfig, env: WorkerEnv, batch: int, stream: dict[str, Any],
+                   channels_last: bool) -> WorkerData:
+    """Ray Train's shards of the datasets the driver built (``semckd_ray.trainer.stream_datasets``).
+
+    Training drops each rank's last partial batch: every rank gets the same number of images from
+    Ray Data's equal split, hence takes the same number of steps, and SemCKD needs full batches.
+    Evaluation shards are unequal and together hold every image once.
+    """
+    import ray
+    import ray.train
+
+    from semckd_ray.data.folder_stream import IMAGENET_MEAN, IMAGENET_STD, StreamLoader, shard_samples
+
+    sizes = stream["sizes"]
+    rank, world = env.rank, env.world_size
+    options = dict(device=env.device, channels_last=channels_last, prefetch_batches=cfg.data.prefetch_batches)
+
+    def loader(split: str, batch_size: int, drop_last: bool = False):
+        if not sizes.get(split):
+            return ()  # no such split (val_size 0): nothing to iterate
+        samples = shard_samples(sizes[split], world, rank, equal=split == "train")
+        return StreamLoader(ray.train.get_dataset_shard(split), IMAGENET_MEAN, IMAGENET_STD, batch_size,
+                            num_samples=samples, drop_last=drop_last, **options)
+
+    def log(tracker: _Tracker, metrics: bool) -> None:
+        if metrics:
+            tracker.logger.log_metrics({f"data_{split}_images": float(n) for split, n in sizes.items()}
+                                       | {"data_classes": float(stream["num_classes"])}, step=0)
+
+    labels = stream["train_labels"]
+    labels = ray.get(labels) if isinstance(labels, ray.ObjectRef) else labels
+    return WorkerData(
+        num_classes=stream["num_classes"],
+        num_train=sizes["train"],
+        train_labels=torch.as_tensor(labels, dtype=torch.int64),
+        train=loader("train", batch, drop_last=True),
+        val=loader("val", cfg.data.eval_batch_size),
+        test=loader("test", cfg.data.eval_batch_size),
+        attention=lambda size: loader("val", size, drop_last=True),
+        log=log,
+    )
 
 
 @dataclass
@@ -223,11 +314,14 @@ class TrainingState:
 
 
 def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | None = None,
-               tracking_uri: str | None = None, spool: str | None = None) -> dict[str, float]:
+               tracking_uri: str | None = None, spool: str | None = None,
+               stream: dict[str, Any] | None = None) -> dict[str, float]:
     """Train one student (or a teacher, with method ``vanilla``) and return the final metrics.
 
     With ``run_id``, rank 0 logs into that MLflow run; ``spool`` is the folder on the storage path
-    where what the server did not get yet waits (see ``semckd_ray.spool``).
+    where what the server did not get yet waits (see ``semckd_ray.spool``). ``stream``: for a
+    streamed dataset, what the driver listed (``semckd_ray.trainer.stream_info``); the images come
+    from Ray Train's dataset shards.
     """
     cfg = TrainConfig.model_validate(train_config)
     env = WorkerEnv.detect(cfg.scaling.use_gpu)
@@ -241,54 +335,47 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     method_cls = get_method_class(cfg.method.name)
 
     # ---- data: each worker reads its own shard of the global batch
-    if cfg.data.download:
-        _prepare_data(cfg, env)
-    # train_fraction and label_noise change the training split only; both are drawn from split_seed.
-    splits = load_dataset(cfg.data.dataset, cfg.data.root, download=False, val_size=cfg.data.val_size,
-                          seed=cfg.data.split_seed, train_fraction=cfg.data.train_fraction,
-                          label_noise=cfg.data.label_noise)
     batch = cfg.per_worker_batch()
-    placement = dict(device=env.device, channels_last=channels_last,
-                     keep_on_device=env.device.type == "cuda", pin_memory=env.device.type == "cuda")
-    shard = dict(rank=env.rank, world_size=env.world_size)
-    train_batches = train_loader(splits, batch, seed=cfg.seed,
-                                 drop_last=method_cls.requires_fixed_batch, **shard, **placement)
-    if len(train_batches) == 0:
+    if stream is not None:
+        data = _streamed_data(cfg, env, batch, stream, channels_last)
+    else:
+        data = _in_memory_data(cfg, env, batch, method_cls.requires_fixed_batch, channels_last)
+    if len(data.train) == 0:
         raise UserError(
-            f"the training split ({len(splits.train.labels)} images) is smaller than one global batch "
+            f"the training split ({data.num_train} images) is smaller than one global batch "
             f"of optim.batch_size={cfg.optim.batch_size}"
             + (f" (data.train_fraction={cfg.data.train_fraction:g}): raise data.train_fraction or lower "
                "optim.batch_size" if cfg.data.train_fraction < 1 else "")
         )
-    val_batches = eval_loader(splits, "val", cfg.data.eval_batch_size, **shard, **placement)
-    test_batches = eval_loader(splits, "test", cfg.data.eval_batch_size, **shard, **placement)
+    train_batches, val_batches, test_batches = data.train, data.val, data.test
 
     # ---- models: same seed on every rank, so every rank starts from the same weights
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    student = create_model(cfg.student.model, num_classes=splits.num_classes).to(env.device, memory_format=memory_format)
+    student = create_model(cfg.student.model, num_classes=data.num_classes).to(env.device, memory_format=memory_format)
     teacher = None
     if cfg.teacher is not None:
         teacher = FrozenTeacher(
-            load_teacher(cfg.teacher, splits.num_classes, env.device, cfg.tracking.uri),
+            load_teacher(cfg.teacher, data.num_classes, env.device, cfg.tracking.uri),
             torch.channels_last if cfg.scaling.teacher_channels_last_enabled() else torch.contiguous_format,
             feature_format=memory_format,
         )
+    size = cfg.data.input_size()
     ctx = DistillContext(
-        student_shapes=feature_shapes(student, env.device),
-        teacher_shapes=feature_shapes(teacher, env.device) if teacher is not None else (),
+        student_shapes=feature_shapes(student, env.device, size),
+        teacher_shapes=feature_shapes(teacher, env.device, size) if teacher is not None else (),
         batch_size=batch,
-        num_classes=splits.num_classes,
-        num_train=len(splits.train.labels),
-        train_labels=splits.train.labels,
+        num_classes=data.num_classes,
+        num_train=data.num_train,
+        train_labels=data.train_labels,
+        device=env.device,
     )
     method = create_method(cfg.method.name, ctx, cfg.method.options).to(env.device, memory_format=memory_format)
     # From here on each rank draws its own random numbers (CRD's negatives); the data pipeline
     # has generators of its own, keyed by rank.
     torch.manual_seed(worker_seed(cfg.seed, env.rank))
     # Methods with a layer attention (SemCKD) get it measured on the validation split every epoch.
-    attention_batches = (attention_loader(splits, batch, **shard, **placement)
-                         if has_attention(method) else None)
+    attention_batches = data.attention(batch) if has_attention(method) else None
     distiller = Distiller(student, method, gamma=cfg.method.gamma, alpha=cfg.method.alpha,
                           beta=cfg.beta(), kd_temperature=cfg.method.kd_temperature)
     if cfg.scaling.sync_bn and env.world_size > 1:
@@ -331,8 +418,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     tracker = _Tracker(tracking_uri, run_id, spool) if env.rank == 0 and run_id else None
     if tracker is not None:
         tracker.logger.set_tag("worker_nodes", ",".join(nodes))
-        # data/*.csv (class counts, the few-shot subset, the noisy labels) and data_* counts at step 0.
-        log_training_data(tracker.logger, splits, tracker.folder, metrics=resume_dir is None)
+        data.log(tracker, metrics=resume_dir is None)
     # MLflow's system metrics (CPU, memory, GPUs) of each machine, from its first rank: see _SystemMetrics.
     system = _SystemMetrics.start(tracking_uri, run_id, nodes, env.rank, gpu=env.device.type == "cuda") if run_id else None
     final: dict[str, float] = {}
@@ -347,6 +433,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         seconds = time.perf_counter() - started
+        skipped = _skipped_images(train_batches, env, cfg.name, epoch)
         # One model, one number: every rank evaluates, and rank 0 saves, rank 0's BatchNorm statistics.
         broadcast_buffers(distiller.student if method_cls.syncs_own_buffers else distiller)
 
@@ -372,6 +459,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
             "epoch_seconds": seconds,
             "images_per_s": train_metrics.pop("images") / seconds,
             **{f"train_{k}": v for k, v in train_metrics.items()},
+            **({"train_skipped_images": float(skipped)} if skipped is not None else {}),
             **{f"val_{k}": v for k, v in val.items()},
             **attention_metrics(attention),
         }
@@ -430,6 +518,20 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
     if tracker is not None:
         tracker.close("FINISHED")
     return final
+
+
+def _skipped_images(loader, env: WorkerEnv, name: str, epoch: int) -> int | None:
+    """How many images of the epoch could not be decoded, across ranks (each stood in for by another of
+    its batch: ``semckd_ray.data.folder_stream``); rank 0 names them. None for data held in memory."""
+    if not hasattr(loader, "skipped_last_epoch"):
+        return None
+    files = [path for rank_files in _gather(list(loader.skipped_last_epoch)) for path in rank_files]
+    if files and env.rank == 0:
+        shown = ", ".join(files[:_MAX_NAMED_FILES]) + (f" and {len(files) - _MAX_NAMED_FILES} more"
+                                                       if len(files) > _MAX_NAMED_FILES else "")
+        print(f"[{name}] epoch {epoch}: {len(files)} image(s) could not be decoded and were replaced by others "
+              f"of their batch: {shown}; remove or re-extract them", flush=True)
+    return len(files)
 
 
 def train_step(model, teacher, optimizer, x: Tensor, y: Tensor, index: Tensor | None, device: torch.device,

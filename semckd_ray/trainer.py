@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from semckd_ray import tracking
-from semckd_ray.config import TrainConfig, flatten
+from semckd_ray.config import DataConfig, TrainConfig, flatten
 from semckd_ray.errors import UserError
 from semckd_ray.spool import spool_dir
 
@@ -162,7 +162,7 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
     """
     import sys
 
-    from semckd_ray.data import check_dataset, check_val_size, num_classes, prepare_dataset
+    from semckd_ray.data import check_dataset, check_val_size, is_streamed, num_classes, prepare_dataset
     from semckd_ray.teacher import load_teacher
 
     cfg = cfg.model_copy(deep=True)
@@ -170,13 +170,17 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
     tracking.check_reachable(cfg.tracking.uri)
     check_val_size(cfg.data.dataset, cfg.data.val_size)
     ray_started = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    if not os.environ.get("RAY_ADDRESS") and not ray_started:
+    files_here = not os.environ.get("RAY_ADDRESS") and not ray_started
+    if files_here:
         check = prepare_dataset if cfg.data.download else check_dataset
         check(cfg.data.dataset, cfg.data.root, cfg.data.download)
-    if cfg.teacher is not None:
+    # A folder tree's class count (the teacher's head) is known where its files are; elsewhere the
+    # workers' load of the teacher is its check.
+    if cfg.teacher is not None and (files_here or not is_streamed(cfg.data.dataset)):
         import torch
 
-        load_teacher(cfg.teacher, num_classes(cfg.data.dataset), torch.device("cpu"), cfg.tracking.uri)
+        classes = num_classes(cfg.data.dataset, cfg.data.root)
+        load_teacher(cfg.teacher, classes, torch.device("cpu"), cfg.tracking.uri)
     return cfg
 
 
@@ -215,6 +219,15 @@ def start_run(cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[
     return run.info.run_id
 
 
+def student_head_size(checkpoint: dict[str, Any]) -> int:
+    """The number of classes a checkpoint's model was trained for: the rows of its last matrix (the zoo's
+    classifiers come last in their state dicts)."""
+    matrices = [v for v in checkpoint["model"].values() if getattr(v, "ndim", 0) == 2]
+    if not matrices:
+        raise UserError("the checkpoint's model has no classifier matrix to count its classes from")
+    return int(matrices[-1].shape[0])
+
+
 def _log_config_file(mlflow_client, run_id: str, cfg: TrainConfig) -> None:
     import tempfile
 
@@ -249,7 +262,7 @@ def _ray_worker_entry(config: dict[str, Any]) -> dict[str, float]:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Rank 0's final metrics come back as the Result's return_value.
     return run_worker(config["train"], RayReporter(), run_id=config["run_id"], tracking_uri=config["tracking_uri"],
-                      spool=config["spool"])
+                      spool=config["spool"], stream=config.get("stream"))
 
 
 class RayReporter:
@@ -288,17 +301,52 @@ def scaling_config(cfg: TrainConfig):
                                    resources_per_worker=worker_resources(cfg.scaling))
 
 
+def stream_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """For a streamed dataset: its Ray Datasets, what the workers must know of them, and the DataConfig.
+
+    The folder tree is listed here, once per training (no image is read); the workers get the
+    split sizes, the class count and the training labels (by object reference: 10 MB for ImageNet),
+    and their images from Ray Data's shards of ``datasets``.
+    """
+    import ray
+
+    from semckd_ray.data.folder_stream import build_datasets, data_config, list_image_folder
+
+    data = cfg.data
+    splits = list_image_folder(data.root, val_size=data.val_size, split_seed=data.split_seed,
+                               train_fraction=data.train_fraction, label_noise=data.label_noise)
+    workers = cfg.scaling.num_workers
+    if cfg.optim.batch_size > len(splits.train) // workers * workers:
+        raise UserError(f"optim.batch_size={cfg.optim.batch_size} (the global batch) is larger than the training "
+                        f"split of {data.root} ({len(splits.train)} images once data.val_size are held out): "
+                        f"allowed up to {len(splits.train) // workers * workers}")
+    datasets = build_datasets(splits, image_size=data.input_size(), crop_scale=tuple(data.crop_scale),
+                              eval_resize=data.eval_size(), seed=cfg.seed)
+    info = {"num_classes": splits.num_classes,
+            "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+            "train_labels": ray.put(splits.train.labels)}
+    return datasets, info, data_config(data.decode_cpus)
+
+
 def build_trainer(cfg: TrainConfig, run_id: str, *, train_run_name: str, callbacks: list | None = None,
                   root: str | None = None):
     """The run's TorchTrainer; ``root``: the storage path, as ``storage_path(cfg)`` resolves it."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from semckd_ray.data import is_streamed
+
     root = root or storage_path(cfg)
+    loop_config = {"train": cfg.model_dump(mode="json"), "run_id": run_id,
+                   "tracking_uri": cfg.tracking.uri, "spool": spool_dir(root, run_id)}
+    streamed = {}
+    if is_streamed(cfg.data.dataset):
+        datasets, loop_config["stream"], dataset_config = stream_datasets(cfg)
+        streamed = {"datasets": datasets, "dataset_config": dataset_config}
     return TorchTrainer(
         _ray_worker_entry,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id,
-                           "tracking_uri": cfg.tracking.uri, "spool": spool_dir(root, run_id)},
+        train_loop_config=loop_config,
+        **streamed,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
@@ -431,8 +479,9 @@ def log_student_model(tracking_uri: str, run_id: str, name: str) -> str:
     at the checkpoint's epoch) is a ``teacher.StudentLogits`` around the student with the weights as
     trained (BatchNorm not folded), exported in eval mode with ``torch.export`` (MLflow's ``pt2``
     format): loading it needs torch and MLflow only, neither this package nor pickle, and its
-    logits equal the student's. Its signature is a float32 tensor ``[-1, 3, 32, 32]`` of normalised
-    images in, ``[-1, classes]`` logits out; its input example is a seeded batch of
+    logits equal the student's. Its signature is a float32 tensor ``[-1, 3, S, S]`` of normalised
+    images in (S the data's image side: 32 in memory, ``data.image_size`` streamed), ``[-1, classes]``
+    logits out; its input example is a seeded batch of
     ``EXAMPLE_BATCH`` standard-normal images of that shape (the driver may not hold the dataset).
     The loaded module is the exported eval-mode graph (BatchNorm on running statistics): torch 2.14
     refuses ``.eval()``/``.train()`` on it, and it needs neither. SemCKD's modules and the training
@@ -446,7 +495,7 @@ def log_student_model(tracking_uri: str, run_id: str, name: str) -> str:
     from mlflow.models import infer_signature
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from semckd_ray.data import num_classes
+    from semckd_ray.data import IN_MEMORY_IMAGE_SIZE, is_streamed, num_classes
     from semckd_ray.models import create_model, load_checkpoint
     from semckd_ray.models.checkpoint import read_checkpoint
     from semckd_ray.teacher import (VERSION_CHECKPOINT_SHA_TAG, VERSION_CHECKPOINT_TAG, StudentLogits,
@@ -465,12 +514,15 @@ def log_student_model(tracking_uri: str, run_id: str, name: str) -> str:
     config = blob.get("config") or {}
     params = run.data.params
     student_name = (config.get("student") or {}).get("model") or params["student.model"]
-    dataset = (config.get("data") or {}).get("dataset") or params["data.dataset"]
-    classes = num_classes(dataset)
+    data = config.get("data") or {}
+    dataset = data.get("dataset") or params["data.dataset"]
+    # A streamed dataset's classes are its folders': the student's head has as many outputs.
+    classes = student_head_size(blob) if is_streamed(dataset) else num_classes(dataset)
     student = create_model(student_name, num_classes=classes)
     load_checkpoint(student, blob)
     model = StudentLogits(student).eval()
-    example = np.random.default_rng(0).standard_normal((EXAMPLE_BATCH, 3, 32, 32), dtype=np.float32)
+    size = DataConfig.model_validate(data).input_size() if data else IN_MEMORY_IMAGE_SIZE
+    example = np.random.default_rng(0).standard_normal((EXAMPLE_BATCH, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     epoch = int(blob.get("epoch") or 0)
@@ -572,11 +624,14 @@ def config_digest(cfg: TrainConfig) -> str:
     import hashlib
     import json
 
-    # Where things are stored (tracking, the dataset's folder) does not change what is computed.
-    content = cfg.model_dump(mode="json", exclude={"tracking": True, "data": {"root", "download"}})
+    # Where things are stored (tracking, the dataset's folder) and how fast the data is decoded do not
+    # change what is computed.
+    content = cfg.model_dump(mode="json", exclude={"tracking": True, "data": {"root", "download", "decode_cpus",
+                                                                             "prefetch_batches"}})
     # Keys added since runs were first logged count only when set: at their defaults (the whole
-    # training split, clean labels) a config's digest is the one its earlier finished runs carry.
-    for key, default in (("train_fraction", 1.0), ("label_noise", 0.0)):
+    # training split, clean labels, no streaming) a config's digest is the one its earlier finished runs carry.
+    for key, default in (("train_fraction", 1.0), ("label_noise", 0.0), ("image_size", None),
+                         ("crop_scale", [0.08, 1.0]), ("eval_resize", None)):
         if content["data"].get(key) == default:
             del content["data"][key]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

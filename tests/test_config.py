@@ -41,7 +41,7 @@ def test_every_shipped_config_is_valid():
             continue
         cfg = load_train_config(path)
         assert cfg.student.model
-    assert grids == 4
+    assert grids == 5
 
 
 def test_unknown_key_names_the_key_and_the_allowed_keys():

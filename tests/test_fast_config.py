@@ -57,7 +57,7 @@ MISTAKES = {
     "unknown teacher model": ("teacher.model=resnet21", "teacher.model: unknown model 'resnet21'"),
     "unknown method": ("method.name=semckdd",
                        "method: unknown distillation method 'semckdd'; valid methods: at, crd, fitnet, kd, semckd"),
-    "unknown dataset": ("data.dataset=mnist", "data.dataset: Input should be 'cifar100', 'cifar10', 'digits', 'stl10' or 'tiny_imagenet'"),
+    "unknown dataset": ("data.dataset=mnist", "data.dataset: Input should be 'cifar100', 'cifar10', 'digits', 'stl10', 'tiny_imagenet' or 'imagefolder'"),
     "wrong type": ("optim.lr=fast", "optim.lr: must be a number, not the string 'fast'"),
     "out of range": ("data.val_size=1437", "data.val_size must be an integer in [0, 1437) for digits"),
     "unknown method option": ("method.options.bogus=1",
@@ -146,6 +146,8 @@ def test_every_dataset_of_the_catalog_has_a_loader_and_every_loader_an_entry():
             assert name in datasets._CIFAR, (f"dataset {name!r} is read from CIFAR files (catalog): add its "
                                              "_CifarFormat to _CIFAR in semckd_ray/data/datasets.py")
             assert datasets._CIFAR[name].info is info
+        elif info.streamed:  # not loaded: listed and streamed by semckd_ray.data.imagefolder
+            assert name not in datasets._BUNDLED and name not in datasets._CIFAR
         else:
             assert name in datasets._BUNDLED, (f"dataset {name!r} of the catalog has no loader: add it to _BUNDLED "
                                                "in semckd_ray/data/datasets.py")

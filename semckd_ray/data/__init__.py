@@ -8,9 +8,9 @@ from semckd_ray._lazy import lazy_exports
 
 # Each exported name and the module that defines it.
 _EXPORTS = {
-    **dict.fromkeys(["DatasetInfo", "check_label_noise", "check_train_fraction", "check_val_size", "dataset_info",
-                     "fewest_train_images", "kept_per_class", "list_datasets", "needs_files", "num_classes",
-                     "train_images"], "catalog"),
+    **dict.fromkeys(["DatasetInfo", "IN_MEMORY_IMAGE_SIZE", "STREAMED_IMAGE_SIZE", "check_label_noise", "check_train_fraction", "check_val_size", "dataset_info",
+                     "fewest_train_images", "is_streamed", "kept_per_class", "list_datasets", "needs_files",
+                     "num_classes", "train_images"], "catalog"),
     **dict.fromkeys(["DatasetSplits", "Split", "TrainRecord", "check_dataset", "load_dataset", "log_training_data",
                      "prepare_dataset", "stratified_fraction", "symmetric_label_noise", "training_data_metrics",
                      "write_training_data"], "datasets"),

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from semckd_ray.errors import UserError
 
-__all__ = ["DatasetInfo", "DATASETS", "dataset_info", "list_datasets", "num_classes", "needs_files",
+__all__ = ["DatasetInfo", "DATASETS", "dataset_info", "list_datasets", "num_classes", "needs_files", "is_streamed",
+           "IN_MEMORY_IMAGE_SIZE", "STREAMED_IMAGE_SIZE",
            "check_val_size", "train_images", "check_train_fraction", "check_label_noise", "kept_per_class",
            "fewest_train_images"]
 
@@ -20,8 +21,8 @@ __all__ = ["DatasetInfo", "DATASETS", "dataset_info", "list_datasets", "num_clas
 class DatasetInfo:
     name: str
     title: str  # how messages name it
-    num_classes: int
-    train_size: int  # images in the official training split (before the val split is held out)
+    num_classes: int  # 0: known only from the files (a folder tree)
+    train_size: int  # images in the official training split (before the val split is held out); 0: from the files
     # The val split when ``data.val_size`` is not given: ``val_images`` images, or else
     # ``val_fraction`` of the training images.
     val_images: int | None = None
@@ -31,12 +32,16 @@ class DatasetInfo:
     # Read from ``data.root`` in a layout of its own (STL-10's binary files, Tiny ImageNet's JPEG tree).
     # Neither: bundled with a library (scikit-learn's digits).
     root_files: bool = False
+    # A class-per-folder tree under ``data.root`` (ImageNet's layout), streamed through Ray Data at
+    # ``data.image_size`` instead of held in memory (``semckd_ray.data.folder_stream``); its classes and
+    # sizes are known once the folders are listed.
+    streamed: bool = False
 
     def __post_init__(self):
         if (self.val_images is None) == (self.val_fraction is None):
             raise ValueError(f"dataset {self.name!r}: give one of val_images and val_fraction")
-        if self.cifar_files and self.root_files:
-            raise ValueError(f"dataset {self.name!r}: cifar_files and root_files exclude each other")
+        if self.cifar_files + self.root_files + self.streamed > 1:
+            raise ValueError(f"dataset {self.name!r}: cifar_files, root_files and streamed exclude each other")
 
     def default_val_size(self, train_size: int) -> int:
         """The size of the val split held out of ``train_size`` training images by default."""
@@ -55,7 +60,15 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
     DatasetInfo("stl10", "STL-10", num_classes=10, train_size=5000, val_fraction=0.1, root_files=True),
     DatasetInfo("tiny_imagenet", "Tiny ImageNet", num_classes=200, train_size=100000, val_fraction=0.1,
                 root_files=True),
+    # ImageNet (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) or any class-per-folder tree. Our test split
+    # is its val/ folder (ImageNet's labelled val set, what papers report); our val split is held out
+    # of train/ (folder_stream.default_val_size: 10000 images, at most 10%).
+    DatasetInfo("imagefolder", "image folder", num_classes=0, train_size=0, val_images=10000, streamed=True),
 )}
+
+# The side of the square images a dataset held in memory gives the models (see DataConfig.image_size).
+IN_MEMORY_IMAGE_SIZE = 32
+STREAMED_IMAGE_SIZE = 224  # ImageNet's
 
 
 def list_datasets() -> list[str]:
@@ -70,15 +83,28 @@ def dataset_info(name: str) -> DatasetInfo:
     return info
 
 
-def num_classes(name: str) -> int:
-    """The number of classes of dataset ``name``, without reading any file."""
-    return dataset_info(name).num_classes
+def num_classes(name: str, root: str | None = None) -> int:
+    """The number of classes of dataset ``name``: from the catalog, or for a folder tree by listing the
+    class folders of ``root`` (no image is read)."""
+    info = dataset_info(name)
+    if not info.streamed:
+        return info.num_classes
+    if root is None:
+        raise ValueError(f"dataset {name!r} counts its classes from its folders: give root")
+    from semckd_ray.data.folder_stream import folder_num_classes
+
+    return folder_num_classes(root)
+
+
+def is_streamed(name: str) -> bool:
+    """Whether dataset ``name`` is a folder tree streamed through Ray Data (not held in memory)."""
+    return dataset_info(name).streamed
 
 
 def needs_files(name: str) -> bool:
     """Whether dataset ``name`` is read from ``data.root`` (digits comes with scikit-learn)."""
     info = dataset_info(name)
-    return info.cifar_files or info.root_files
+    return info.cifar_files or info.root_files or info.streamed
 
 
 def check_val_size(name: str, val_size: int | None, train_size: int | None = None) -> None:
@@ -87,6 +113,10 @@ def check_val_size(name: str, val_size: int | None, train_size: int | None = Non
     if train_size is None:
         train_size = dataset_info(name).train_size
     if val_size is None:
+        return
+    if not train_size:  # a folder tree before it is listed: any count, checked against the files later
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise UserError(f"data.val_size must be an integer >= 0 for {name}, got {val_size!r}")
         return
     if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train_size:
         raise UserError(f"data.val_size must be an integer in [0, {train_size}) for {name}, got {val_size!r}")
@@ -122,7 +152,7 @@ def kept_per_class(fraction: float, images: int) -> int:
     return images if fraction >= 1 else max(1, round(fraction * images))
 
 
-def fewest_train_images(name: str, val_size: int | None, fraction: float = 1.0) -> int:
+def fewest_train_images(name: str, val_size: int | None, fraction: float = 1.0) -> int | None:
     """The fewest training images ``data.train_fraction`` can leave, without reading the dataset.
 
     Exact at fraction 1. Below, the val split is drawn at random, so how many images of each class
@@ -130,7 +160,11 @@ def fewest_train_images(name: str, val_size: int | None, fraction: float = 1.0) 
     images and at least 1, so the split holds at least max(C, ceil(f * N - C / 2)) of them (C classes,
     N images once the val split is held out; a class is assumed to keep at least one image after the
     val split, as every class of every dataset does at its default val split).
+
+    None for a folder tree, whose size is known once it is listed.
     """
+    if is_streamed(name):
+        return None
     images = train_images(name, val_size)
     if fraction >= 1:
         return images

@@ -41,6 +41,7 @@ from semckd_ray.data.catalog import (
     check_train_fraction,
     check_val_size,
     dataset_info,
+    is_streamed,
     kept_per_class,
     list_datasets,
     needs_files,
@@ -715,6 +716,10 @@ def check_dataset(name: str, root: str | os.PathLike[str], download: bool = Fals
     fmt = _cifar_format(name)
     if fmt is not None:
         _check_cifar_files(fmt, Path(root).expanduser(), download)
+    elif is_streamed(name):
+        from semckd_ray.data.folder_stream import check_image_folder
+
+        check_image_folder(Path(root).expanduser())
     elif name in _ROOT_FORMATS:
         _check_root_files(_ROOT_FORMATS[name], Path(root).expanduser(), download)
 
@@ -724,6 +729,8 @@ def prepare_dataset(name: str, root: str | os.PathLike[str], download: bool = Fa
     fmt = _cifar_format(name)
     if fmt is not None:
         _ensure_cifar_files(fmt, Path(root).expanduser(), download)
+    elif is_streamed(name):  # nothing to download: a tree of the user's own
+        check_dataset(name, root)
     elif name in _ROOT_FORMATS:
         _ensure_root_files(_ROOT_FORMATS[name], Path(root).expanduser(), download)
 
@@ -824,6 +831,9 @@ def load_dataset(
     check_train_fraction(train_fraction)
     check_label_noise(label_noise)
     info = dataset_info(name)
+    if info.streamed:
+        raise UserError(f"dataset {name!r} is a folder tree streamed through Ray Data (semckd_ray.data.folder_stream), "
+                        "not loaded into memory: train on it with semckd_ray.train / semckd_ray.tune")
     loaded = _load(name, Path(root).expanduser(), download)
     official = loaded.train
     if val_size is None:

@@ -190,10 +190,12 @@ def test_malformed_cifar_file_is_a_user_error_naming_the_file(tmp_path, corrupt,
 
 
 def test_unknown_dataset_lists_the_valid_names(tmp_path):
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "stl10", "tiny_imagenet"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "stl10", "tiny_imagenet"]
     with pytest.raises(UserError, match="unknown dataset 'imagenet'; valid datasets: cifar10, cifar100, digits, "
-                                        "stl10, tiny_imagenet"):
+                                        "imagefolder, stl10, tiny_imagenet"):
         load_dataset("imagenet", tmp_path)
+    with pytest.raises(UserError, match="'imagefolder' is a folder tree streamed through Ray Data"):
+        load_dataset("imagefolder", tmp_path)
 
 
 def test_digits_runs_offline_as_32x32_rgb_with_its_own_statistics(tmp_path):
