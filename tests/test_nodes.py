@@ -55,9 +55,18 @@ def no_download(monkeypatch) -> None:
 # The dataset, checked without loading it
 
 
-def test_num_classes_reads_no_file_and_unknown_names_list_the_valid_ones():
-    """num_classes answers from the name alone, and an unknown name gets load_dataset's error."""
-    assert [num_classes(n) for n in list_datasets()] == [10, 100, 10, 10, 200]  # cifar10, cifar100, digits, stl10, tiny_imagenet
+def test_num_classes_reads_no_file_and_unknown_names_list_the_valid_ones(tmp_path):
+    """num_classes answers from the name alone (a folder tree: from its class folders, no image read),
+    and an unknown name gets load_dataset's error."""
+    in_memory = [n for n in list_datasets() if n != "imagefolder"]
+    assert [num_classes(n) for n in in_memory] == [10, 100, 10, 10, 200]  # cifar10, cifar100, digits, stl10, tiny_imagenet
+    with pytest.raises(ValueError, match="counts its classes from its folders"):
+        num_classes("imagefolder")
+    for split, classes in (("train", "abc"), ("val", "ab")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            (tmp_path / split / c / "0.JPEG").write_bytes(b"")  # listed, never read
+    assert num_classes("imagefolder", str(tmp_path)) == 3
     assert (needs_files("cifar100"), needs_files("digits")) == (True, False)
     with pytest.raises(UserError, match="unknown dataset 'imagenet'; valid datasets: cifar10, cifar100, digits"):
         num_classes("imagenet")
