@@ -320,14 +320,14 @@ class StreamLoader:
                  drop_last: bool, device, channels_last: bool = False, prefetch_batches: int = 2) -> None:
         import torch
 
+        from semckd_ray.data.pipeline import normalisation
+
         self.shard, self.batch_size, self.num_samples = shard, batch_size, num_samples
         self.drop_last, self.device, self.channels_last = drop_last, torch.device(device), channels_last
         self.prefetch_batches = prefetch_batches
         self.epoch = 0
         self.skipped_last_epoch: list[str] = []
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+        self._scale, self._shift = normalisation(mean, std, self.device)
 
     @property
     def dataset_size(self) -> int:

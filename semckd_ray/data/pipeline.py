@@ -77,6 +77,14 @@ def random_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: in
     return windows.index_select(0, row_starts.view(-1)).view(b, c, h, w)
 
 
+def normalisation(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` [1, C, 1, 1] on ``device`` with ``x * scale + shift == (x / 255 - mean) / std``:
+    a uint8 batch normalised by one multiply and one add."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std_t), -mean_t / std_t
+
+
 class BatchLoader:
     """Iterates over one split in batches ``(images, labels, index)``; ``len()`` is batches per epoch.
 
@@ -146,11 +154,7 @@ class BatchLoader:
         self._images = split.images.to(data_device)
         self._labels = split.labels.to(data_device)
         self._pin = pin_memory and not self._data_on_device and self.device.type == "cuda"
-        # (x / 255 - mean) / std as one multiply and one add.
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
+        self._scale, self._shift = normalisation(mean, std, self.device)
 
     @property
     def dataset_size(self) -> int:
