@@ -218,7 +218,7 @@ class WorkerData:
     """A worker's view of the dataset: its loaders and what the methods need to know of the training split.
 
     ``train`` / ``val`` / ``test`` iterate batches ``(images, labels, index)`` of this rank's shard
-    (``semckd_ray.data.BatchLoader`` in memory, ``semckd_ray.data.folder_stream.StreamLoader`` streamed).
+    (``semckd_ray.data.BatchLoader`` in memory, ``semckd_ray.data.imagefolder.StreamLoader`` streamed).
     """
 
     num_classes: int
@@ -270,7 +270,7 @@ def _streamed_data(cfg: TrainConfig, env: WorkerEnv, batch: int, stream: dict[st
     import ray
     import ray.train
 
-    from semckd_ray.data.folder_stream import IMAGENET_MEAN, IMAGENET_STD, StreamLoader, shard_samples
+    from semckd_ray.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, StreamLoader, shard_samples
 
     sizes = stream["sizes"]
     rank, world = env.rank, env.world_size
@@ -522,7 +522,7 @@ def run_worker(train_config: dict[str, Any], reporter: Reporter, run_id: str | N
 
 def _skipped_images(loader, env: WorkerEnv, name: str, epoch: int) -> int | None:
     """How many images of the epoch could not be decoded, across ranks (each stood in for by another of
-    its batch: ``semckd_ray.data.folder_stream``); rank 0 names them. None for data held in memory."""
+    its batch: ``semckd_ray.data.imagefolder``); rank 0 names them. None for data held in memory."""
     if not hasattr(loader, "skipped_last_epoch"):
         return None
     files = [path for rank_files in _gather(list(loader.skipped_last_epoch)) for path in rank_files]

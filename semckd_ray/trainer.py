@@ -310,7 +310,7 @@ def stream_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any], A
     """
     import ray
 
-    from semckd_ray.data.folder_stream import build_datasets, data_config, list_image_folder
+    from semckd_ray.data.imagefolder import build_datasets, data_config, list_image_folder
 
     data = cfg.data
     splits = list_image_folder(data.root, val_size=data.val_size, split_seed=data.split_seed,

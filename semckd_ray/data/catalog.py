@@ -33,7 +33,7 @@ class DatasetInfo:
     # Neither: bundled with a library (scikit-learn's digits).
     root_files: bool = False
     # A class-per-folder tree under ``data.root`` (ImageNet's layout), streamed through Ray Data at
-    # ``data.image_size`` instead of held in memory (``semckd_ray.data.folder_stream``); its classes and
+    # ``data.image_size`` instead of held in memory (``semckd_ray.data.imagefolder``); its classes and
     # sizes are known once the folders are listed.
     streamed: bool = False
 
@@ -62,7 +62,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
                 root_files=True),
     # ImageNet (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) or any class-per-folder tree. Our test split
     # is its val/ folder (ImageNet's labelled val set, what papers report); our val split is held out
-    # of train/ (folder_stream.default_val_size: 10000 images, at most 10%).
+    # of train/ (imagefolder.default_val_size: 10000 images, at most 10%).
     DatasetInfo("imagefolder", "image folder", num_classes=0, train_size=0, val_images=10000, streamed=True),
 )}
 
@@ -91,7 +91,7 @@ def num_classes(name: str, root: str | None = None) -> int:
         return info.num_classes
     if root is None:
         raise ValueError(f"dataset {name!r} counts its classes from its folders: give root")
-    from semckd_ray.data.folder_stream import folder_num_classes
+    from semckd_ray.data.imagefolder import folder_num_classes
 
     return folder_num_classes(root)
 

@@ -717,7 +717,7 @@ def check_dataset(name: str, root: str | os.PathLike[str], download: bool = Fals
     if fmt is not None:
         _check_cifar_files(fmt, Path(root).expanduser(), download)
     elif is_streamed(name):
-        from semckd_ray.data.folder_stream import check_image_folder
+        from semckd_ray.data.imagefolder import check_image_folder
 
         check_image_folder(Path(root).expanduser())
     elif name in _ROOT_FORMATS:
@@ -832,7 +832,7 @@ def load_dataset(
     check_label_noise(label_noise)
     info = dataset_info(name)
     if info.streamed:
-        raise UserError(f"dataset {name!r} is a folder tree streamed through Ray Data (semckd_ray.data.folder_stream), "
+        raise UserError(f"dataset {name!r} is a folder tree streamed through Ray Data (semckd_ray.data.imagefolder), "
                         "not loaded into memory: train on it with semckd_ray.train / semckd_ray.tune")
     loaded = _load(name, Path(root).expanduser(), download)
     official = loaded.train
