@@ -573,10 +573,23 @@ class Table:
         self.rows = [_as_row(r) for r in self.rows]
         self.cells = {(_as_row(r), p): c for (r, p), c in self.cells.items()}
 
+    classes: dict[Pair, set[float]] = field(default_factory=dict)  # the class counts the column's runs logged
+
+    def paper_source(self, pair: Pair) -> dict[str, Any] | None:
+        """The published table with ``pair``'s column: CIFAR-100's (the main one), or another table of
+        ``paper["other_tables"]`` (ImageNet: a folder tree) where every run of the column logged its
+        ``num_classes`` (``data_classes``): an ``imagefolder`` of other classes is not ImageNet."""
+        if pair.dataset == self.paper["dataset"]:
+            return self.paper
+        for other in self.paper.get("other_tables", ()):
+            if (pair.dataset == other["dataset"] and pair.name in other["pairs"]
+                    and self.classes.get(pair) == {float(other["num_classes"])}):
+                return other
+        return None
+
     def paper_cell(self, row: Row | str, pair: Pair) -> dict[str, float] | None:
-        if pair.dataset != self.paper["dataset"]:
-            return None
-        return self.paper["rows"].get(_as_row(row).method, {}).get(pair.name)
+        source = self.paper_source(pair)
+        return None if source is None else source["rows"].get(_as_row(row).method, {}).get(pair.name)
 
     @property
     def has_paper_pairs(self) -> bool:
@@ -622,6 +635,8 @@ def build_table(results: list[Result], paper: dict[str, Any], lookup: dict[str, 
     pairs = sorted({p for _, p in by_cell}, key=lambda p: (p.dataset != paper["dataset"],
                                                            paper_order.get(p.name, len(paper_order)), p))
     table = Table(pairs, [], {}, paper)
+    for (_, pair), rs in by_cell.items():
+        table.classes.setdefault(pair, set()).update(r.run.data.metrics.get("data_classes", math.nan) for r in rs)
 
     def place(method: str, cells: dict[Pair, list[Result]]) -> None:
         """The cells of a row's method: where a column has several configs, every column's are labelled
@@ -643,8 +658,10 @@ def build_table(results: list[Result], paper: dict[str, Any], lookup: dict[str, 
                                       lookup, vanilla) for pair in pairs})
     rows = set(r for r, _ in table.cells)
     methods = {"student", "teacher"}
-    if table.has_paper_pairs:
-        methods |= set(paper["rows"])  # the paper's rows, for context, where a column is the paper's
+    for pair in pairs:  # the paper's rows, for context, where a column is the paper's
+        source = table.paper_source(pair)
+        if source is not None and pair.name in source["pairs"]:
+            methods |= set(source["rows"])
     rows |= {Row(m) for m in methods if not any(r.method == m for r in rows)}
     table.rows = sorted(rows, key=_row_order)
     return table
@@ -1530,7 +1547,8 @@ def _markdown(experiment: str, store: str, table: Table, ari: list[dict[str, Any
         "",
         f"Cells: test top-1 (%) at the epoch of best validation top-1 (`{METRIC}`), mean ± sample standard "
         "deviation over seeds, with the number of runs and their seeds (`n=3: 0,1,2`); *paper*: the SemCKD "
-        "README (CIFAR-100) where the pair and method appear there. Only seeds of one experiment config are "
+        "README (CIFAR-100) where the pair and method appear there, and the published ImageNet figures "
+        "(ResNet-34 -> ResNet-18: teacher, student, KD, SemCKD) for a 1000-class `imagefolder` column. Only seeds of one experiment config are "
         "averaged: the runs' logged config, seed and storage settings aside, and the teacher run's config for a "
         "student. Where a method's runs in a column are of several configs, each has a row of its own, "
         "labelled by the params that differ (`epochs=2`, `beta=50.0`, `workers=2`, `batch=128`, ...). "

@@ -190,6 +190,45 @@ def test_paper_values_sit_beside_ours_for_the_papers_pairs():
     assert report.cell_text(report.Table([other], ["kd"], {}, paper), "kd", other) == "–"
 
 
+def test_imagenet_figures_sit_beside_a_1000_class_folder_tree_only():
+    paper = report.load_paper()
+    pair = report.Pair("imagefolder", "ResNet34", "ResNet18")
+    cells = {("semckd", pair): report.Cell([70.1], ["a"])}
+    imagenet = report.Table([pair], ["teacher", "student", "kd", "semckd"], cells, paper, classes={pair: {1000.0}})
+    assert report.cell_text(imagenet, "semckd", pair) == "70.10 (n=1) · paper 70.87"
+    assert [report.cell_text(imagenet, row, pair) for row in ("teacher", "student", "kd")] == [
+        "– · paper 73.31", "– · paper 69.76", "– · paper 70.68"]
+    for classes in ({10.0}, {1000.0, 10.0}, set()):  # another tree, a mixed column, runs without the metric
+        other = report.Table([pair], ["semckd"], cells, paper, classes={pair: classes})
+        assert report.cell_text(other, "semckd", pair) == "70.10 (n=1)"
+    cifar = report.Table([pair], ["kd"], {}, paper, classes={pair: {1000.0}})
+    assert report.cell_text(cifar, "kd", report.Pair("cifar100", "ResNet34", "ResNet18")) == "–"
+
+
+def _logged_run(run_id: str, classes: float, method: str):
+    """An MLflow run as the store returns it: a student of ResNet34 on a folder tree of ``classes`` classes."""
+    from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
+
+    info = RunInfo(run_id, "0", "u", "FINISHED", 0, 1, "active", run_name=run_id)
+    data = RunData(metrics=[Metric("data_classes", classes, 0, 0)], params=[Param("method.name", method)],
+                   tags=[RunTag("method", method)])
+    return Run(info, data)
+
+
+def test_build_table_takes_a_columns_class_count_from_its_runs_metrics():
+    paper = report.load_paper()
+
+    def semckd_text(*classes: float) -> str:
+        results = [report.Result(_logged_run(f"r{k}", c, "semckd"), "semckd", "ResNet18", "ResNet34", "imagefolder",
+                                 str(k), 70.0) for k, c in enumerate(classes)]
+        table = report.build_table(results, paper)
+        return report.cell_text(table, "semckd", table.pairs[0])
+
+    assert semckd_text(1000.0, 1000.0).endswith("· paper 70.87")
+    assert "paper" not in semckd_text(1000.0, 100.0)
+    assert "paper" not in semckd_text(10.0)
+
+
 def _png(path):
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[2] in (3, 4)
